@@ -1,0 +1,45 @@
+"""Every loss, advantage estimator and KL helper of polyalign, as pure functions over torch tensors.
+
+This package imports only torch and the standard library (no transformers, no config objects), so it can
+be read, tested and reused on its own. `from polyalign.losses import X` works for every name below.
+
+Files: masks.py (masked reductions, token aggregation), kl.py (KL estimators, KL-shaped rewards),
+advantages.py (RLOO, moving-average baseline, GAE), policy.py (REINFORCE, PPO, value, SFT),
+preference.py (DPO, IPO, CoPG, Bradley-Terry). Formulas and paper references are in each docstring.
+"""
+
+from polyalign.losses.advantages import (
+    BaselineState,
+    gae_advantages,
+    moving_average_baseline,
+    rloo_advantages,
+)
+from polyalign.losses.kl import KL_KINDS, kl_estimate, kl_shaped_rewards, sequence_kl
+from polyalign.losses.masks import AGGREGATES, aggregate_tokens, masked_mean, masked_sum, whiten
+from polyalign.losses.policy import ppo_clip_loss, reinforce_loss, sft_loss, value_loss
+from polyalign.losses.preference import bradley_terry_loss, copg_group_loss, copg_loss, dpo_loss, ipo_loss
+
+__all__ = [
+    "AGGREGATES",
+    "KL_KINDS",
+    "BaselineState",
+    "aggregate_tokens",
+    "bradley_terry_loss",
+    "copg_group_loss",
+    "copg_loss",
+    "dpo_loss",
+    "gae_advantages",
+    "ipo_loss",
+    "kl_estimate",
+    "kl_shaped_rewards",
+    "masked_mean",
+    "masked_sum",
+    "moving_average_baseline",
+    "ppo_clip_loss",
+    "reinforce_loss",
+    "rloo_advantages",
+    "sequence_kl",
+    "sft_loss",
+    "value_loss",
+    "whiten",
+]

@@ -1,0 +1,79 @@
+"""Masked reductions shared by every loss: sums, means, whitening and token aggregation.
+
+Pure torch. A mask marks real tokens with any non-zero value (bool, long or float); masked positions are
+*selected away* with `torch.where`, never multiplied by zero, so garbage on padding (even inf or NaN)
+cannot leak into a value or a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# How per-token terms of shape (B, T) become one scalar. Every loss that takes `aggregate` uses these names.
+#   "sum":              sum over each sequence's tokens, mean over sequences (the papers' sequence log-prob).
+#   "token_mean":       mean over each sequence's tokens, mean over sequences (verl "seq-mean-token-mean").
+#   "batch_token_mean": sum over all tokens of the batch / number of tokens of the batch (verl "token-mean",
+#                       the usual cross-entropy: long sequences weigh more).
+AGGREGATES = ("sum", "token_mean", "batch_token_mean")
+
+
+def check_same_shape(**tensors: torch.Tensor) -> None:
+    """Raise ValueError naming the arguments when the given tensors do not all have one shape."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise ValueError(f"shape mismatch: {listed}; these must have the same shape")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ValueError when a string option is not one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of `x` over positions where `mask` is non-zero (over all positions when dim is None)."""
+    check_same_shape(x=x, mask=mask)
+    kept = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over positions where `mask` is non-zero.
+
+    An empty selection (a row with no real token) gives 0, not NaN: the count is clamped to at least 1.
+    """
+    count = masked_sum(torch.ones_like(x), mask, dim).clamp(min=1.0)
+    return masked_sum(x, mask, dim) / count
+
+
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Normalise `x` to unit variance (and zero mean if `shift_mean`) over the masked positions.
+
+    Formula: (x - mean) / sqrt(var + eps), with the population variance (divide by n, not n - 1) over the
+    real positions. With shift_mean=False the mean is added back, so only the scale changes (the PPO
+    reward-whitening convention). Masked positions of the result are 0. Gradients flow through mean and var;
+    callers whitening advantages pass detached tensors.
+    """
+    if mask is None:
+        mask = torch.ones_like(x, dtype=torch.bool)
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, aggregate: str) -> torch.Tensor:
+    """Reduce per-token terms (B, T) to a scalar with one of AGGREGATES (see the table above)."""
+    check_choice("aggregate", aggregate, AGGREGATES)
+    if per_token.dim() != 2:
+        raise ValueError(f"per-token terms must be (B, T), got shape {tuple(per_token.shape)}")
+    if aggregate == "sum":
+        return masked_sum(per_token, mask, dim=-1).mean()
+    if aggregate == "token_mean":
+        return masked_mean(per_token, mask, dim=-1).mean()
+    return masked_mean(per_token, mask)

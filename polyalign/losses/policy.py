@@ -1,0 +1,178 @@
+"""Policy-gradient losses over sampled completions: REINFORCE/RLOO, PPO clip, the PPO value loss, and SFT.
+
+Pure torch. Inputs are per-token log-probs (B, T) of the completion tokens from `logprobs.py` and a
+completion mask (B, T); padding is selected away before any arithmetic, so whatever sits there changes
+neither the loss nor the gradients. Each loss returns (loss, stats): a scalar tensor to minimise and a dict
+of detached scalar tensors for logging. `aggregate` names are those of `masks.AGGREGATES`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polyalign.losses.masks import aggregate_tokens, check_choice, check_same_shape, masked_mean, masked_sum
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """At least float32, so bf16/fp16 log-probs are reduced in full precision (gradients still flow)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _fill_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Replace padding by 0 so inf/NaN there cannot reach exp() or a gradient."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _check_sequence_advantages(advantages: torch.Tensor, logprobs: torch.Tensor) -> None:
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(
+            f"advantages must be (B,) = ({logprobs.shape[0]},), one per sequence, got {tuple(advantages.shape)}"
+        )
+
+
+def reinforce_loss(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    aggregate: str = "sum",
+    old_logprobs: torch.Tensor | None = None,
+    clip_eps: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sequence-level REINFORCE: raise the log-likelihood of each completion in proportion to its advantage.
+
+    Formula (Back to Basics, arXiv:2402.14740, Sec. 2.3 / SPEC 1.2; CoPG Eq. 4):
+        L = -mean_b [ sg(A_b) * log pi(y_b|x_b) ],   log pi(y_b|x_b) = sum_t logprobs[b, t]   ("sum")
+    aggregate="token_mean" divides each sequence's log-prob by its number of tokens (a deviation from the
+    paper, as in NeMo-Aligner/verl's length normalisation). With `old_logprobs` (sampler log-probs) the
+    sequence importance ratio rho_b = exp(log pi(y_b) - log pi_old(y_b)) replaces the log-prob (TRL RLOO):
+        L = -mean_b [ rho_b * A_b ],   or with clip_eps:   L = -mean_b min(rho_b A_b, clip(rho_b, 1-eps, 1+eps) A_b)
+    With "token_mean", rho_b uses the length-normalised log-probs (a geometric mean of token ratios, as in
+    GSPO). Off by default: the paper uses no ratio and no clipping. At rho = 1 both forms have the same
+    gradient; their values differ (A vs A * log pi). rho is not clamped, so a huge log-ratio can overflow.
+
+    Shapes: logprobs, mask, old_logprobs (B, T); advantages (B,), detached inside.
+    Returns (loss, stats): stats has advantage_mean, logprob_mean (the aggregated log-prob per sequence),
+    and with a ratio ratio_mean, ratio_max and clip_frac (fraction of sequences whose clipped term is active).
+    """
+    check_choice("aggregate", aggregate, ("sum", "token_mean"))
+    check_same_shape(logprobs=logprobs, mask=mask)
+    _check_sequence_advantages(advantages, logprobs)
+    if clip_eps is not None and old_logprobs is None:
+        raise ValueError("clip_eps needs old_logprobs: clipping acts on the ratio pi / pi_old")
+    if clip_eps is not None and not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    reduce = masked_sum if aggregate == "sum" else masked_mean
+    advantages = _float(advantages.detach())
+    seq_logprobs = reduce(_float(logprobs), mask, dim=-1)  # (B,)
+    stats = {"advantage_mean": advantages.mean(), "logprob_mean": seq_logprobs.detach().mean()}
+    if old_logprobs is None:
+        return -(advantages * seq_logprobs).mean(), stats
+    check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs)
+    old_seq_logprobs = reduce(_float(old_logprobs.detach()), mask, dim=-1)  # (B,)
+    ratio = torch.exp(seq_logprobs - old_seq_logprobs)  # (B,)
+    objective = ratio * advantages
+    if clip_eps is not None:
+        clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+        stats["clip_frac"] = (clipped < objective).float().mean()
+        objective = torch.minimum(objective, clipped)
+    stats["ratio_mean"] = ratio.detach().mean()
+    stats["ratio_max"] = ratio.detach().max()
+    return -objective.mean(), stats
+
+
+def ppo_clip_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    aggregate: str = "token_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token-level PPO clipped surrogate: each token is an action with its own ratio and advantage.
+
+    Formula (Schulman et al. 2017, arXiv:1707.06347, Eq. 7; SPEC 1.1 "PPO's token-level view"):
+        r_t = exp(logprobs_t - old_logprobs_t),   L = aggregate_t[ -min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t) ]
+    The default aggregate "token_mean" averages each sequence's tokens, then the sequences; "batch_token_mean"
+    (all tokens of the batch equal, verl/TRL) and "sum" are options. With r = 1 the gradient is the vanilla
+    token-level policy gradient -A_t grad logprobs_t (Back to Basics' "Vanilla PG" drops ratio and clip).
+
+    Shapes: logprobs, old_logprobs, mask (B, T); advantages (B, T) (e.g. from `gae_advantages`) or (B,)
+    broadcast over tokens; both old_logprobs and advantages are detached inside.
+    Returns (loss, stats): clip_frac (tokens whose clipped term is active), ratio_mean, approx_kl
+    (k3 estimate of KL(pi_old || pi): mean of r - 1 - log r), all over real tokens.
+    """
+    if not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
+    advantages = _float(advantages.detach())
+    if advantages.dim() == 1:
+        _check_sequence_advantages(advantages, logprobs)
+        advantages = advantages[:, None].expand(logprobs.shape)
+    check_same_shape(advantages=advantages, logprobs=logprobs)
+    log_ratio = _fill_padding(_float(logprobs) - _float(old_logprobs.detach()), mask)  # (B, T)
+    advantages = _fill_padding(advantages, mask)
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    loss = aggregate_tokens(-torch.minimum(unclipped, clipped), mask, aggregate)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped < unclipped).float(), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float | None = None,
+    aggregate: str = "token_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Squared-error loss of a value head against returns, optionally clipped around the old values.
+
+    Formula (PPO value loss as in OpenAI baselines / lm-human-preferences):
+        L = aggregate_t[ 1/2 (V_t - R_t)^2 ]
+        clipped: V'_t = V_old,t + clip(V_t - V_old,t, -eps, eps),  L = aggregate_t[ 1/2 max((V_t - R_t)^2, (V'_t - R_t)^2) ]
+    The 1/2 is the common convention (scale with the trainer's value coefficient).
+
+    Shapes: values, old_values, returns, mask (B, T); old_values and returns are detached inside.
+    Returns (loss, stats): value_mean, value_error (mean |V - R|), and with clipping value_clip_frac.
+    """
+    check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    if clip_eps is not None and not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps}")
+    values = _fill_padding(_float(values), mask)
+    returns = _fill_padding(_float(returns.detach()), mask)
+    error = (values - returns) ** 2  # (B, T)
+    stats: dict[str, torch.Tensor] = {}
+    if clip_eps is not None:
+        old_values = _fill_padding(_float(old_values.detach()), mask)
+        clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        clipped_error = (clipped_values - returns) ** 2
+        stats["value_clip_frac"] = masked_mean((clipped_error > error).float(), mask)
+        error = torch.maximum(error, clipped_error)
+    loss = aggregate_tokens(0.5 * error, mask, aggregate)
+    stats["value_mean"] = masked_mean(values.detach(), mask)
+    stats["value_error"] = masked_mean((values - returns).detach().abs(), mask)
+    return loss, stats
+
+
+def sft_loss(
+    logprobs: torch.Tensor, mask: torch.Tensor, aggregate: str = "batch_token_mean"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Supervised fine-tuning: negative log-likelihood of the completion tokens (RAFT's update, SFT).
+
+    Formula: L = -sum_{b,t} mask_{b,t} logprobs_{b,t} / sum_{b,t} mask_{b,t}   (default "batch_token_mean",
+    the usual cross-entropy); "token_mean" (per-sequence mean, then mean) and "sum" are options.
+    RAFT (Dong et al. 2023, arXiv:2304.06767) applies it to the best-of-k completion of each prompt.
+
+    Shapes: logprobs, mask (B, T). Returns (loss, stats): nll (= loss), tokens (number of real tokens).
+    """
+    check_same_shape(logprobs=logprobs, mask=mask)
+    loss = aggregate_tokens(-_float(logprobs), mask, aggregate)
+    stats = {"nll": loss.detach(), "tokens": mask.bool().sum().float()}
+    return loss, stats
