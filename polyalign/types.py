@@ -51,5 +51,9 @@ class Rollout:
         return len(self.prompts)
 
     @property
+    def prompts_per_row(self) -> list[str]:  # B prompt texts, each prompt repeated G times
+        return [p for p in self.prompts for _ in range(self.group_size)]
+
+    @property
     def completion_lengths(self) -> torch.Tensor:  # (B,)
         return self.completion_mask.sum(-1)

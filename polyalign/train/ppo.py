@@ -1,0 +1,80 @@
+"""PPO, the reference point of arXiv:2402.14740: token-level actions, a learned critic, GAE and a clipped ratio.
+
+Per-token reward: r_t = -beta * kl_t for every completion token, plus the reward-model score at the last
+token, so sum_t r_t equals the sequence-level KL-shaped reward the REINFORCE family uses. Advantages come
+from GAE(gamma, lambda) on the critic's values; the policy takes `ppo_epochs` passes over shuffled
+minibatches with the clipped surrogate, and the critic a (clipped) squared error to the GAE returns.
+The old log-probs are the sampler's (the rollout is on-policy), so no extra forward is spent on them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polyalign import losses
+from polyalign.logprobs import completion_logprobs, value_forward
+from polyalign.train.loop import step_optimizer
+
+
+def build_value_model(cfg, policy: torch.nn.Module) -> torch.nn.Module:
+    """The critic: `algo.value_model`, or the policy's starting weights with a fresh scalar head."""
+    from transformers import AutoModelForTokenClassification
+
+    from polyalign.models import resolve_model_path
+
+    path = resolve_model_path(cfg.algo.value_model or cfg.model.policy)
+    model = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=policy.dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = policy.config.pad_token_id
+    return model.to(policy.device).train()
+
+
+def token_rewards(scores: torch.Tensor, kl_per_token: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """(B, T): -beta * kl_t on completion tokens and the score added at each row's last completion token."""
+    rewards = -beta * kl_per_token * mask
+    last = (mask.sum(-1) - 1).clamp(min=0)
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def ppo_update(run, rollout, scored) -> dict[str, float]:
+    cfg, a = run.cfg, run.cfg.algo
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+    mask = rollout.completion_mask
+    with torch.no_grad():
+        old_values = value_forward(run.value_model, *args)  # (B, T)
+        kl_t = (losses.kl_estimate(rollout.logprobs, scored.ref_logprobs, kind=a.kl_estimator)
+                if scored.ref_logprobs is not None else torch.zeros_like(rollout.logprobs))
+        rewards = token_rewards(scored.scores, kl_t, mask, a.kl_coef)
+        advantages, returns = losses.gae_advantages(rewards, old_values, mask, gamma=a.gamma, lam=a.gae_lambda)
+        if a.whiten_advantages:
+            advantages = losses.whiten(advantages, mask)
+    params = list(run.policy.parameters()) + list(run.value_model.parameters())
+    B = mask.shape[0]
+    minibatch = B // a.updates_per_batch
+    micro = cfg.train.micro_batch_size or minibatch
+    generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + int(run.state.get("step", 0)))
+    stats: dict[str, float] = {}
+    n_updates = a.ppo_epochs * a.updates_per_batch
+    run.policy.train()
+    for _ in range(a.ppo_epochs):
+        order = torch.randperm(B, generator=generator)
+        for start in range(0, B, minibatch):
+            rows_mb = order[start : start + minibatch]
+            for m in range(0, len(rows_mb), micro):
+                rows = rows_mb[m : m + micro]
+                sub = tuple(t[rows] for t in args)
+                logp = completion_logprobs(run.policy, *sub, temperature=run.logprob_temperature)
+                pl, pstats = losses.ppo_clip_loss(logp, rollout.logprobs[rows], advantages[rows], mask[rows],
+                                                  clip_eps=a.ppo_clip_eps)
+                vl, vstats = losses.value_loss(value_forward(run.value_model, *sub), old_values[rows], returns[rows],
+                                               mask[rows], clip_eps=a.value_clip_eps)
+                loss = pl + a.value_coef * vl
+                (loss * (len(rows) / len(rows_mb))).backward()
+                weight = len(rows) / len(rows_mb) / n_updates
+                for k, v in {"loss": loss, "policy_loss": pl, "value_loss": vl, **pstats, **vstats}.items():
+                    stats[k] = stats.get(k, 0.0) + float(v) * weight
+            result = step_optimizer(params, run.optimizer, cfg.train.max_grad_norm)
+            stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(result.grad_norm) / n_updates
+            stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + float(result.skipped)
+    run.engine.load_weights(run.policy)
+    return stats

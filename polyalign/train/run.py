@@ -1,0 +1,221 @@
+"""Everything a trainer holds for one run, built from a RunConfig: models, engine, rewards, optimizer, logging,
+checkpoints and resume, periodic evaluation and the closing report. The online loop (`train/online.py`) only
+calls into this; it holds no algorithm.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from polyalign import losses
+from polyalign.config import RunConfig, dump_yaml
+from polyalign.data.prompts import PromptSet, check_prompt_lengths, load_prompts, prompt_batch
+from polyalign.logprobs import completion_logprobs
+from polyalign.models import load_policy, load_reference
+from polyalign.rewards import build_reward, score_all
+from polyalign.rollout import build_engine
+from polyalign.train.checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    mark_best,
+    save_checkpoint,
+)
+from polyalign.train.logging import MetricsLogger, Progress, print0
+from polyalign.train.loop import build_optimizer, seed_everything
+from polyalign.types import Sampling
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    run_dir: Path
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None
+    tokenizer: object
+    engine: object
+    rewards: dict[str, Callable]
+    prompts: PromptSet
+    eval_prompts: PromptSet | None
+    optimizer: torch.optim.Optimizer
+    logger: MetricsLogger
+    progress: Progress
+    value_model: torch.nn.Module | None = None
+    start_step: int = 0
+    state: dict = field(default_factory=dict)  # step, REINFORCE baseline, best eval: saved in checkpoints
+
+    @property
+    def logprob_temperature(self) -> float:
+        t = self.cfg.rollout.temperature
+        return t if t > 0 else 1.0
+
+    def next_prompts(self, step: int) -> tuple[list[str], dict]:
+        return prompt_batch(self.prompts, step, self.cfg.rollout.prompts_per_step, self.cfg.train.seed)
+
+    def score(self, prompts: list[str], completions: list[str], **columns) -> tuple[torch.Tensor, dict]:
+        return score_all(self.rewards, self.cfg.reward.functions, prompts, completions, **columns)
+
+    def console(self, message: str) -> None:
+        self.progress.print(message)
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"policy": self.policy} | ({"value": self.value_model} if self.value_model is not None else {})
+
+
+def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    seed_everything(cfg.train.seed)
+    run_dir = Path(cfg.output.run_dir)
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --output.run_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+
+    policy, tokenizer = load_policy(
+        cfg.model.policy,
+        dtype=cfg.model.dtype,
+        device=cfg.model.device,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+    )
+    ref = None
+    if cfg.algo.kl_coef > 0 or cfg.algo.name == "copg":
+        ref = (
+            load_reference(cfg.model.reference, dtype=cfg.model.dtype, device=cfg.model.device)[0]
+            if cfg.model.reference
+            else _frozen_copy(policy)
+        )
+    prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_column)
+    check_prompt_lengths(prompts, tokenizer, cfg.data.max_prompt_tokens)
+    eval_prompts = (
+        load_prompts(cfg.data.eval_prompts, cfg.data.prompt_column) if cfg.data.eval_prompts else None
+    )
+    rewards = {spec: build_reward(spec) for spec in cfg.reward.functions}
+
+    from polyalign.train import ppo  # PPO adds a critic with its own parameters
+
+    value_model = ppo.build_value_model(cfg, policy) if cfg.algo.name == "ppo" else None
+    params = list(policy.parameters()) + (list(value_model.parameters()) if value_model is not None else [])
+    optimizer = build_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    run = Run(
+        cfg,
+        run_dir,
+        policy,
+        ref,
+        tokenizer,
+        build_engine(cfg.rollout.engine, policy, tokenizer),
+        rewards,
+        prompts,
+        eval_prompts,
+        optimizer,
+        MetricsLogger(run_dir),
+        Progress(total=cfg.train.steps, enabled=cfg.output.progress),
+        value_model,
+    )
+    if resume:
+        _resume(run)
+    return run
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def _resume(run: Run) -> None:
+    ckpt = latest_checkpoint(run.run_dir)
+    if ckpt is None:
+        run.console(f"--resume: no checkpoint in {run.run_dir}; starting from step 0")
+        return
+    state = load_checkpoint(ckpt, run.models(), run.optimizer)
+    run.state = dict(state.get("trainer_state", {}))
+    run.start_step = int(state["step"])
+    run.logger.truncate_after(run.start_step)
+    run.engine.load_weights(run.policy)
+    run.console(f"resumed from {ckpt} at step {run.start_step}")
+
+
+def maybe_checkpoint(run: Run, step: int) -> None:
+    cfg = run.cfg
+    last = step == cfg.train.steps
+    if cfg.eval.every and (step % cfg.eval.every == 0 or last):
+        result = evaluate(run, step)
+        best = run.state.get("best_eval")
+        if best is None or result["eval/reward"] > best["eval/reward"]:
+            run.state["best_eval"] = {**result, "step": step}
+            is_best = True
+        else:
+            is_best = False
+    else:
+        is_best = False
+    if (cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0) or last or is_best:
+        save_checkpoint(
+            run.run_dir, step, run.models(), run.optimizer, None, run.state, keep_last=cfg.output.keep_last
+        )
+        if is_best:
+            mark_best(run.run_dir, step)
+
+
+@torch.inference_mode()
+def evaluate(run: Run, step: int) -> dict:
+    """Greedy completions of held-out prompts: mean reward (the paper selects by test reward), KL and length."""
+    if run.eval_prompts is None:
+        return {}
+    cfg = run.cfg
+    prompts = run.eval_prompts.prompts[: cfg.eval.num_prompts]
+    columns = {k: v[: len(prompts)] for k, v in run.eval_prompts.columns.items()}
+    rollout = run.engine.generate(
+        prompts,
+        n=1,
+        sampling=Sampling(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0),
+        extras=columns,
+    )
+    scores, _ = run.score(rollout.prompts_per_row, rollout.completions, **rollout.extras)
+    kl = torch.zeros_like(scores)
+    if run.ref is not None:
+        ref_logprobs = completion_logprobs(
+            run.ref, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask
+        )
+        kl = losses.sequence_kl(rollout.logprobs, ref_logprobs, rollout.completion_mask, kind="k1")
+    result = {
+        "eval/reward": float(scores.mean()),
+        "eval/kl": float(kl.mean()),
+        "eval/length": float(rollout.completion_lengths.float().mean()),
+    }
+    run.logger.log(step, result)
+    samples = [
+        {"prompt": p, "completion": c, "score": float(s)}
+        for p, c, s in zip(rollout.prompts, rollout.completions, scores)
+    ]
+    (run.run_dir / "eval").mkdir(exist_ok=True)
+    atomic_write_text(
+        run.run_dir / "eval" / f"step_{step:06d}.json", json.dumps({**result, "samples": samples}, indent=1)
+    )
+    return result
+
+
+def finish_run(run: Run) -> dict:
+    run.progress.close()
+    run.logger.close()
+    summary = {
+        "run_dir": str(run.run_dir),
+        "steps": run.cfg.train.steps,
+        "eval_start": run.state.get("eval_start"),
+        "best_eval": run.state.get("best_eval"),
+    }
+    if run.cfg.output.report:
+        from polyalign.train.online_report import write_online_report
+
+        summary["report"] = str(write_online_report(run.run_dir, run.cfg))
+    atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=1))
+    print0(f"run finished: {run.run_dir}")
+    return summary

@@ -1,0 +1,77 @@
+"""Config loading: strict keys, types, dotted overrides, validation, and every shipped YAML."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from polyalign.config import ConfigError, RunConfig, dump_yaml, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_quickstart():
+    cfg = load_config(None)
+    assert cfg.algo.name == "rloo" and cfg.rollout.samples_per_prompt == 4
+    assert cfg.model.policy == "stories260K"
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lrate: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "lrate" in str(e.value) and "'lr'" in str(e.value) and str(path) in str(e.value)
+
+
+def test_unknown_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="trainer"):
+        load_config(path)
+
+
+def test_wrong_type_names_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: many\n")
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(path)
+
+
+def test_dotted_overrides_and_yaml_float_strings():
+    cfg = load_config(None, ["--train.lr=1e-6", "--algo.name=reinforce", "--rollout.stop_strings=['.']"])
+    assert cfg.train.lr == 1e-6 and cfg.algo.name == "reinforce" and cfg.rollout.stop_strings == ["."]
+    with pytest.raises(ConfigError, match="expected --section.key=value"):
+        load_config(None, ["--train.lr"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--algo.name=dpo", "unknown algorithm"),
+        ("--rollout.samples_per_prompt=1", "must be >= 2 for rloo"),
+        ("--algo.kl_estimator=k9", "kl_estimator"),
+        ("--rollout.prompts_per_step=3", "multiple of algo.updates_per_batch"),
+    ],
+)
+def test_validation_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_reinforce_allows_one_sample():
+    assert load_config(None, ["--algo.name=vanilla_pg", "--rollout.samples_per_prompt=1"]).rollout.samples_per_prompt == 1
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(None, ["--algo.name=ppo", "--train.steps=7"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict)
+    assert isinstance(load_config(path), RunConfig)
