@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from polyalign.losses.masks import check_choice, check_same_shape, masked_mean, masked_sum
+from polyalign.losses.masks import check_choice, check_same_shape, fill_padding, masked_mean, masked_sum
 
 KL_KINDS = ("k1", "k2", "k3", "abs")
 
@@ -52,7 +52,9 @@ def sequence_kl(
     log pi(y|x) - log pi_ref(y|x), the sequence log-ratio of SPEC 1.1 Eq. 3/4.
     """
     check_choice("aggregate", aggregate, ("sum", "mean"))
-    per_token = kl_estimate(logprobs, ref_logprobs, kind)
+    check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    # Padding is zeroed before the estimate so garbage there cannot overflow exp() in k3.
+    per_token = kl_estimate(fill_padding(logprobs, mask), fill_padding(ref_logprobs, mask), kind)
     if aggregate == "sum":
         return masked_sum(per_token, mask, dim=-1)
     return masked_mean(per_token, mask, dim=-1)

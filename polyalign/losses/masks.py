@@ -31,10 +31,15 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {choices}")
 
 
+def fill_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`x` with 0 on padding, so inf/NaN there cannot reach exp(), a square or a gradient."""
+    check_same_shape(x=x, mask=mask)
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of `x` over positions where `mask` is non-zero (over all positions when dim is None)."""
-    check_same_shape(x=x, mask=mask)
-    kept = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    kept = fill_padding(x, mask)
     return kept.sum() if dim is None else kept.sum(dim)
 
 
@@ -59,12 +64,13 @@ def whiten(
     """
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
+    x = fill_padding(x, mask)
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return fill_padding(out, mask)
 
 
 def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, aggregate: str) -> torch.Tensor:

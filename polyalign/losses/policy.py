@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from polyalign.losses.masks import aggregate_tokens, check_choice, check_same_shape, masked_mean, masked_sum
+from polyalign.losses.masks import (
+    aggregate_tokens,
+    check_choice,
+    check_same_shape,
+    fill_padding,
+    masked_mean,
+    masked_sum,
+)
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
     """At least float32, so bf16/fp16 log-probs are reduced in full precision (gradients still flow)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _fill_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Replace padding by 0 so inf/NaN there cannot reach exp() or a gradient."""
-    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _check_sequence_advantages(advantages: torch.Tensor, logprobs: torch.Tensor) -> None:
@@ -109,8 +111,8 @@ def ppo_clip_loss(
         _check_sequence_advantages(advantages, logprobs)
         advantages = advantages[:, None].expand(logprobs.shape)
     check_same_shape(advantages=advantages, logprobs=logprobs)
-    log_ratio = _fill_padding(_float(logprobs) - _float(old_logprobs.detach()), mask)  # (B, T)
-    advantages = _fill_padding(advantages, mask)
+    log_ratio = fill_padding(_float(logprobs) - _float(old_logprobs.detach()), mask)  # (B, T)
+    advantages = fill_padding(advantages, mask)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
@@ -145,12 +147,12 @@ def value_loss(
     check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
     if clip_eps is not None and not clip_eps > 0:
         raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps}")
-    values = _fill_padding(_float(values), mask)
-    returns = _fill_padding(_float(returns.detach()), mask)
+    values = fill_padding(_float(values), mask)
+    returns = fill_padding(_float(returns.detach()), mask)
     error = (values - returns) ** 2  # (B, T)
     stats: dict[str, torch.Tensor] = {}
     if clip_eps is not None:
-        old_values = _fill_padding(_float(old_values.detach()), mask)
+        old_values = fill_padding(_float(old_values.detach()), mask)
         clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
         clipped_error = (clipped_values - returns) ** 2
         stats["value_clip_frac"] = masked_mean((clipped_error > error).float(), mask)
