@@ -404,9 +404,10 @@ def test_padding_changes_no_gae_or_kl_shaped_reward():
 
 
 def test_losses_import_without_transformers():
-    code = "import sys; sys.modules['transformers'] = None; import polyalign.losses; from polyalign.losses import copg_loss"
+    """Importing the losses with transformers blocked (None in sys.modules) must succeed (STYLE B.7.8)."""
+    code = (
+        "import sys; sys.modules['transformers'] = None; import polyalign.losses; "
+        "from polyalign.losses import copg_loss, rloo_advantages; print('ok')"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    code = "import sys, polyalign.losses; print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
