@@ -1,0 +1,323 @@
+"""Checkpoints that survive `kill -9` at any moment, and atomic file writes.
+
+Layout of `run_dir/checkpoints/`:
+    step_000123/            one complete checkpoint
+        <name>.safetensors  one per model (policy, value_model, ...); tied weights stored once
+        optimizer.pt        optimizer.state_dict() (only when an optimizer was given)
+        rng.pt              python, numpy, torch CPU (and CUDA) RNG states
+        state.json          {"step", "trainer_state", "scheduler_state", "models", "saved_at"}
+        COMPLETE            written last; a directory without it is never loaded
+    latest                  text file naming the newest checkpoint directory
+    best                    text file naming the checkpoint chosen by `mark_best` (never pruned)
+    .tmp-*                  work in progress or leftovers of a crash; ignored, removed by the next save
+
+Crash safety: a checkpoint is written into `.tmp-step_...`, every file is fsynced, `COMPLETE` is written,
+then the directory is renamed into place (atomic on POSIX) and the pointer files are replaced atomically.
+A crash at any point leaves either the previous state or the new one. Deletions rename to `.tmp-*` first.
+
+Knows nothing about trainers: `trainer_state` is any JSON-serialisable dict (data position, baselines, best
+metric, ...); tensors in it are stored as lists/floats. Models must be unwrapped (pass `ddp.module`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` so that readers see the old content or the new one, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__} ({obj!r:.80})")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """`atomic_write_text` of `obj` as JSON (tensors and numpy values become lists/numbers)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _step_of(path: Path) -> int | None:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _is_complete(path: Path) -> bool:
+    return _step_of(path) is not None and (path / COMPLETE).is_file()
+
+
+def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = [(_step_of(p), p) for p in root.iterdir() if p.is_dir() and _is_complete(p)]
+    return sorted(found)
+
+
+def _read_pointer(root: Path, name: str) -> Path | None:
+    try:
+        target = (root / name).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    if not _STEP_DIR.match(target):  # a pointer only ever names a sibling step_ directory
+        return None
+    return root / target if _is_complete(root / target) else None
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory crash-safely: rename to .tmp-* (atomic) first, so a partial delete is ignored."""
+    doomed = path.with_name(f".tmp-del-{path.name}-{uuid.uuid4().hex[:8]}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        state["numpy"] = {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        s = state["numpy"]
+        keys = s["keys"].numpy().astype("uint32")
+        np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _write_checkpoint_files(
+    tmp: Path,
+    step: int,
+    models: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+    scheduler_state: dict | None,
+    trainer_state: dict | None,
+) -> None:
+    for name, model in models.items():
+        # save_model stores tensors shared between parameters (tied embeddings) once.
+        save_model(model, str(tmp / f"{name}.safetensors"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    state = {
+        "step": step,
+        "trainer_state": trainer_state or {},
+        "scheduler_state": scheduler_state,
+        "models": sorted(models),
+        "saved_at": time.time(),
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=2, default=_json_default) + "\n")
+    for path in tmp.iterdir():
+        _fsync_file(path)
+    (tmp / COMPLETE).write_text(f"{step}\n")
+    _fsync_file(tmp / COMPLETE)
+    _fsync_dir(tmp)
+
+
+def _check_save_args(step: int, models: dict, keep_last: int | None) -> None:
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
+    if not models:
+        raise ValueError("save_checkpoint: models is empty; pass e.g. {'policy': model}")
+    for name in models:
+        if not _MODEL_NAME.match(name) or name in ("optimizer", "rng", "state"):
+            raise ValueError(f"save_checkpoint: model name {name!r} is not a valid, unreserved file stem")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None (keep all), got {keep_last}")
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    models: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler_state: dict | None = None,
+    trainer_state: dict | None = None,
+    keep_last: int | None = 2,
+) -> Path:
+    """Write `run_dir/checkpoints/step_<step>/` atomically, point `latest` at it, prune old ones.
+
+    Pruning (keep_last not None) keeps the `keep_last` newest checkpoints with step <= `step` plus the one
+    `best` points to; checkpoints with a larger step belong to an abandoned timeline (the run was resumed
+    from an earlier checkpoint) and are removed too. Returns the checkpoint directory.
+    """
+    _check_save_args(step, models, keep_last)
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".tmp-*"):  # a previous crash's partial work; one writer per run_dir
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    name = checkpoint_name(step)
+    final, tmp = root / name, root / f".tmp-{name}"
+    tmp.mkdir()
+    try:
+        _write_checkpoint_files(tmp, step, models, optimizer, scheduler_state, trainer_state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
+        _remove_dir(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / "latest", name + "\n")
+    if keep_last is not None:
+        _prune(root, step, keep_last)
+    return final
+
+
+def _prune(root: Path, step: int, keep_last: int) -> None:
+    best = _read_pointer(root, "best")
+    complete = _complete_checkpoints(root)
+    past = [p for s, p in complete if s <= step]
+    keep = set(past[-keep_last:]) | ({best} if best else set())
+    for _, path in complete:
+        if path not in keep:
+            _remove_dir(path)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names, else the highest complete step, else None.
+
+    `.tmp-*` directories and step directories without a COMPLETE marker are never returned.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    pointed = _read_pointer(root, "latest")
+    if pointed is not None:
+        return pointed
+    complete = _complete_checkpoints(root)
+    return complete[-1][1] if complete else None
+
+
+def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `mark_best` chose, or None."""
+    return _read_pointer(Path(run_dir) / CHECKPOINTS, "best")
+
+
+def mark_best(run_dir: str | os.PathLike, step: int) -> Path:
+    """Point `best` at the (complete) checkpoint of `step`; pruning never removes it."""
+    root = Path(run_dir) / CHECKPOINTS
+    target = root / checkpoint_name(step)
+    if not _is_complete(target):
+        raise FileNotFoundError(f"mark_best: no complete checkpoint for step {step} at {target}")
+    atomic_write_text(root / "best", target.name + "\n")
+    return target
+
+
+def _resolve(run_dir_or_ckpt: str | os.PathLike) -> Path:
+    path = Path(run_dir_or_ckpt)
+    if _step_of(path) is not None:
+        if not _is_complete(path):
+            raise FileNotFoundError(f"load_checkpoint: {path} has no {COMPLETE} marker (crashed mid-write?)")
+        return path
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"load_checkpoint: no complete checkpoint under {path / CHECKPOINTS}")
+    return ckpt
+
+
+def load_checkpoint(
+    run_dir_or_ckpt: str | os.PathLike,
+    models: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = True,
+) -> dict:
+    """Restore weights (and optimizer state and RNG states) from a checkpoint; return its state.json.
+
+    `run_dir_or_ckpt` is a run directory (its latest checkpoint is used) or a `step_*` directory. Only the
+    models named in `models` are loaded, so an evaluator may load just {"policy": model}.
+    """
+    ckpt = _resolve(run_dir_or_ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    for name, model in models.items():
+        weights = ckpt / f"{name}.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"load_checkpoint: {ckpt} has no model {name!r}; it has {state['models']}"
+            )
+        load_model(model, str(weights), strict=True)
+    if optimizer is not None:
+        if not (ckpt / "optimizer.pt").is_file():
+            raise FileNotFoundError(f"load_checkpoint: {ckpt} was saved without an optimizer")
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    if restore_rng:
+        _restore_rng(torch.load(ckpt / "rng.pt", weights_only=True))
+    state["path"] = str(ckpt)
+    return state
