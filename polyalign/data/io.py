@@ -1,0 +1,327 @@
+"""Records in and out: read rows from JSONL / JSON / CSV / Parquet files or a Hugging Face dataset, and
+write JSONL safely (atomically, or appended with fsync per batch for resumable pipelines).
+
+A record is a plain `dict`. Readers keep where each record came from (`"line 7"` for JSONL and CSV,
+1-based file lines; `"row 3"` for JSON lists, Parquet and Hugging Face datasets, 0-based) so that every
+error about a record can name the file, the place and the field. This module knows nothing about what
+the columns mean; `preference.py` and `prompts.py` interpret them.
+
+Optional dependencies are imported only when used: `pyarrow` for Parquet, `datasets` for hub ids and
+saved dataset folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMATS = ("jsonl", "json", "csv", "parquet", "hf")
+_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, the line or row, and the field; `reason` is a short
+    code (e.g. "malformed_json", "missing_field") used to count skipped rows."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def field_error(where: str, key: str, problem: str, reason: str) -> DataError:
+    """A DataError for one field of one record; `where` is "<source>: <location>"."""
+    return DataError(f"{where}: field {key!r}: {problem}", reason)
+
+
+def get_field(row: dict, key: str, where: str):
+    """row[key], or a "missing_field" error listing the columns the row has."""
+    if key not in row:
+        raise field_error(where, key, f"missing (columns: {sorted(row)})", "missing_field")
+    return row[key]
+
+
+def text_field(value: object, where: str, key: str) -> str:
+    """A non-empty (not only whitespace) string; "bad_type" / "empty_completion" errors otherwise."""
+    if not isinstance(value, str):
+        raise field_error(where, key, f"expected a string, got {type(value).__name__}", "bad_type")
+    if not value.strip():
+        raise field_error(where, key, "empty completion", "empty_completion")
+    return value
+
+
+def number_field(value: object, where: str, key: str) -> float | None:
+    """A finite float from a number or a numeric string (CSV cells); None for None or ""."""
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise field_error(where, key, f"expected a number, got {value!r}", "bad_score") from None
+    if not math.isfinite(number):
+        raise field_error(where, key, f"not a finite number: {value!r}", "bad_score")
+    return number
+
+
+@dataclass(frozen=True)
+class Records:
+    """Rows read from one source, with where each came from."""
+
+    source: str  # the path or hub id as given
+    rows: list[dict]
+    locations: list[str]  # one per row: "line N" (JSONL/CSV, 1-based) or "row N" (JSON/Parquet/HF, 0-based)
+    skipped_lines: tuple[int, ...] = ()  # malformed lines skipped under on_error="skip"
+
+
+def read_records(
+    path_or_id: str | Path,
+    split: str = "train",
+    fmt: str | None = None,
+    *,
+    on_error: str = "error",
+    key: str | None = None,
+) -> list[dict]:
+    """Rows of a local file or a Hugging Face dataset; see `read_table` (this drops the locations and
+    warns with the count of skipped malformed lines)."""
+    table = read_table(path_or_id, split, fmt, on_error=on_error, key=key)
+    if table.skipped_lines:
+        warnings.warn(
+            f"{table.source}: skipped {len(table.skipped_lines)} malformed line(s): "
+            f"{list(table.skipped_lines[:10])}",
+            stacklevel=2,
+        )
+    return table.rows
+
+
+def read_table(
+    path_or_id: str | Path,
+    split: str = "train",
+    fmt: str | None = None,
+    *,
+    on_error: str = "error",
+    key: str | None = None,
+) -> Records:
+    """Read records with their locations.
+
+    Args:
+        path_or_id: a `.jsonl`/`.ndjson`, `.json`, `.csv` or `.parquet` file; a folder (read with
+            `datasets`: a `save_to_disk` folder or a dataset script/data folder); or a hub id.
+        split: the split of a Hugging Face dataset, or of a JSON file holding {split: [records]}.
+        fmt: one of FORMATS to override detection by suffix.
+        on_error: "error" raises on a malformed JSONL line; "skip" skips it and lists it in
+            `skipped_lines`.
+        key: for a JSON object file, the key holding the list of records.
+    """
+    if on_error not in ("error", "skip"):
+        raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
+    source = str(path_or_id)
+    fmt = fmt or _detect_format(Path(source))
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r} for {source}; expected one of {FORMATS}")
+    if fmt == "hf":
+        rows = _read_hf(source, split)
+        return Records(source, rows, [f"row {i}" for i in range(len(rows))])
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"no such file: {source}")
+    if fmt == "jsonl":
+        return _read_jsonl(Path(source), on_error)
+    if fmt == "csv":
+        return _read_csv(Path(source))
+    rows = _read_json(Path(source), split, key) if fmt == "json" else _read_parquet(Path(source))
+    return Records(source, rows, [f"row {i}" for i in range(len(rows))])
+
+
+def _detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "hf"
+    suffix = path.suffix.lower()
+    if suffix in _SUFFIXES:
+        return _SUFFIXES[suffix]
+    if path.exists():
+        raise ValueError(f"cannot tell the format of {path} from its suffix; pass fmt= one of {FORMATS}")
+    if suffix in (".gz", ".txt", ".tsv", ".arrow", ".yaml", ".yml"):
+        raise FileNotFoundError(f"no such file: {path}")
+    return "hf"  # not a local path and no data-file suffix: a hub id such as "org/name"
+
+
+def _read_jsonl(path: Path, on_error: str) -> Records:
+    rows, locations, skipped = [], [], []
+    with path.open(encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                if on_error == "skip":
+                    skipped.append(number)
+                    continue
+                raise DataError(
+                    f"{path}: line {number}: malformed JSON record: {exc}", "malformed_json"
+                ) from None
+            rows.append(row)
+            locations.append(f"line {number}")
+    return Records(str(path), rows, locations, tuple(skipped))
+
+
+def _read_json(path: Path, split: str, key: str | None) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}", "malformed_json") from None
+    if isinstance(data, dict):
+        data = _list_in_object(path, data, split, key)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}: row {i}: expected a JSON object, got {type(row).__name__}", "malformed_json"
+            )
+    return data
+
+
+def _list_in_object(path: Path, data: dict, split: str, key: str | None) -> list:
+    """The record list inside a JSON object: under `key`, else under the split name, else the only list."""
+    lists = [k for k, v in data.items() if isinstance(v, list)]
+    if key is not None and key not in data:
+        raise DataError(f"{path}: key {key!r} not found; keys holding lists: {lists}")
+    chosen = key if key is not None else split if split in lists else lists[0] if len(lists) == 1 else None
+    if chosen is None:
+        raise DataError(
+            f"{path}: a JSON object with list keys {lists}; pass key= to say which holds the records"
+        )
+    return data[chosen]
+
+
+def _read_csv(path: Path) -> Records:
+    rows, locations = [], []
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, restkey="\0extra", restval=None)
+        start = reader.line_num + 2  # the header is line 1; a record may span several lines
+        for row in reader:
+            if "\0extra" in row or any(v is None for v in row.values()):
+                raise DataError(
+                    f"{path}: line {start}: expected {len(reader.fieldnames or [])} comma-separated fields "
+                    f"({reader.fieldnames}), got a different number",
+                    "malformed_csv",
+                )
+            rows.append(row)
+            locations.append(f"line {start}")
+            start = reader.line_num + 1
+    return Records(str(path), rows, locations)
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    return pq.read_table(path).to_pylist()
+
+
+def _read_hf(source: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"reading {source!r} as a Hugging Face dataset needs the datasets package: pip install datasets"
+        ) from None
+    folder = Path(source)
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        dataset = datasets.load_from_disk(str(folder))  # a save_to_disk folder
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise KeyError(f"{source}: no split {split!r}; splits: {list(dataset)}")
+            dataset = dataset[split]
+    else:
+        dataset = datasets.load_dataset(source, split=split)
+    return dataset.to_list()
+
+
+def _dump_lines(records: Iterable[dict]) -> str:
+    """All records as JSONL text, serialised before anything is written (a bad record writes nothing)."""
+    lines = []
+    for i, record in enumerate(records):
+        try:
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"record {i} is not JSON-serialisable: {exc}") from None
+    return "".join(lines)
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
+    """Write records as JSONL to a temporary file next to `path`, fsync it, then rename it over `path`, so
+    readers see either the old file or the complete new one. Returns the number of records written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = _dump_lines(records)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return text.count("\n")
+
+
+def _trim_partial_line(path: Path) -> int:
+    """Cut a trailing record left half-written by a crash (no final newline); returns the bytes dropped."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with path.open("r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data) - keep
+
+
+class JsonlWriter:
+    """Append records to a JSONL file; each `write(batch)` is flushed and fsynced before it returns, so a
+    crash loses at most the batch being written. Opening in append mode first cuts a half-written last
+    line (reported in `dropped_bytes`), so a resumed pipeline appends to a file of whole records.
+
+    Use as a context manager: `with JsonlWriter(path) as w: w.write(records)`.
+    """
+
+    def __init__(self, path: str | Path, append: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dropped_bytes = _trim_partial_line(self.path) if append and self.path.exists() else 0
+        self.written = 0  # records written through this writer
+        self._file = self.path.open("a" if append else "w", encoding="utf-8")
+
+    def write(self, records: Iterable[dict]) -> int:
+        """Append a batch of records durably; returns how many were written."""
+        text = _dump_lines(records)
+        self._file.write(text)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        count = text.count("\n")
+        self.written += count
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
