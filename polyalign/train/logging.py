@@ -1,0 +1,266 @@
+"""Metrics logging, the progress bar and rank-0 printing.
+
+Owns the run's `metrics.jsonl` (one JSON object per step: {"step", "time", **metrics}) and `samples.jsonl`
+(one object per logged completion: {"step", "prompt", "completion", "reward"}), plus TensorBoard scalars when
+`torch.utils.tensorboard` is importable. Knows nothing about which metrics a trainer produces.
+`NullLogger` has the same methods and does nothing (the default for library calls and tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polyalign.train.checkpoint import atomic_write_text
+
+
+def get_rank() -> int:
+    """Process rank: torch.distributed if initialised, else the RANK environment variable, else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """`print` on rank 0 only."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+def _to_number(key: str, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"MetricsLogger: metric {key!r} is a tensor of shape {tuple(value.shape)}; log a scalar"
+            )
+        return value.item()
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"MetricsLogger: metric {key!r} has unsupported type {type(value).__name__}")
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep lines whose step <= max_step; drop torn or unparseable lines."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the half-written last line of a killed run
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= max_step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+def _tensorboard_writer(run_dir: Path, use_tensorboard: bool | str) -> Any:
+    if use_tensorboard not in (True, False, "auto"):
+        raise ValueError(
+            f"MetricsLogger: use_tensorboard must be True, False or 'auto', got {use_tensorboard!r}"
+        )
+    if use_tensorboard is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if use_tensorboard is True:
+            raise ImportError("MetricsLogger: use_tensorboard=True needs `pip install tensorboard`") from None
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+class MetricsLogger:
+    """Append-only JSONL metrics (flushed per line) with optional TensorBoard mirroring.
+
+    Args:
+        run_dir: the run directory; files are `metrics.jsonl` and `samples.jsonl` inside it.
+        use_tensorboard: True, False, or "auto" (on when torch.utils.tensorboard imports).
+        resume_step: the step of the checkpoint being resumed, or None to keep existing files as they are.
+            Same as calling `truncate_after(resume_step)` right after construction.
+    """
+
+    def __init__(
+        self, run_dir: str | os.PathLike, use_tensorboard: bool | str = "auto", resume_step: int | None = None
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.samples_path = self.run_dir / "samples.jsonl"
+        self._open()
+        if resume_step is not None:
+            self.truncate_after(resume_step)
+        self._tb = _tensorboard_writer(self.run_dir, use_tensorboard)
+
+    def _open(self) -> None:
+        self._metrics = open(self.metrics_path, "a", encoding="utf-8")
+        self._samples = open(self.samples_path, "a", encoding="utf-8")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records with step > `step` (and torn lines) from metrics.jsonl and samples.jsonl.
+
+        Call on resume with the checkpoint's step: those records were written after the checkpoint and the
+        resumed run writes them again.
+        """
+        self._metrics.close()
+        self._samples.close()
+        for path in (self.metrics_path, self.samples_path):
+            _truncate_jsonl(path, step)
+        self._open()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Write one line {"step", "time", **metrics}; tensors become numbers. Returns the record."""
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: _to_number(k, v) for k, v in metrics.items()})
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, global_step=int(step))
+        return record
+
+    def log_samples(
+        self,
+        step: int,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        rewards: Sequence[float] | torch.Tensor | None = None,
+    ) -> None:
+        """Write one line per completion: {"step", "prompt", "completion", "reward"}."""
+        if rewards is None:
+            rewards = [None] * len(completions)
+        elif isinstance(rewards, torch.Tensor):
+            rewards = rewards.detach().float().cpu().tolist()
+        if not len(prompts) == len(completions) == len(rewards):
+            raise ValueError(
+                f"log_samples: lengths differ: {len(prompts)} prompts, {len(completions)} completions, "
+                f"{len(rewards)} rewards (repeat each prompt once per completion)"
+            )
+        for prompt, completion, reward in zip(prompts, completions, rewards):
+            row = {"step": int(step), "prompt": prompt, "completion": completion, "reward": reward}
+            self._samples.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._samples.flush()
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._samples.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NullLogger:
+    """Same methods as MetricsLogger; records nothing."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"step": int(step), **{k: _to_number(k, v) for k, v in metrics.items()}}
+
+    def log_samples(
+        self, step: int, prompts: Sequence[str], completions: Sequence[str], rewards: Any = None
+    ) -> None:
+        return None
+
+    def truncate_after(self, step: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self) -> NullLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_LABELS = {"tokens_per_s": "tok/s", "s_per_step": "s/step"}
+
+
+class Progress:
+    """A rich progress bar showing step/total and selected metrics; silent when disabled.
+
+    Enabled only when `enabled` is True, or None and stdout is a TTY on rank 0. When disabled and
+    `print_every > 0`, prints a plain line every `print_every` steps instead (for log files).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        keys: Sequence[str] = ("reward", "kl", "length", "tokens_per_s"),
+        enabled: bool | None = None,
+        print_every: int = 0,
+        start: int = 0,
+    ) -> None:
+        self.total, self.keys, self.print_every = total, tuple(keys), print_every
+        if enabled is None:
+            enabled = sys.stdout.isatty() and is_main_process()
+        self.enabled = enabled
+        self._last_time: float | None = None
+        self._bar = None
+        if enabled:
+            import rich.progress as rp
+
+            columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn())
+            self._bar = rp.Progress(*columns, rp.TimeRemainingColumn(), transient=False)
+            self._task = self._bar.add_task("", total=total, completed=start)
+            self._bar.start()
+
+    def describe(self, metrics: dict[str, Any], s_per_step: float | None) -> str:
+        """The text shown next to the bar, e.g. 'reward 0.512 kl 0.031 s/step 1.20'."""
+        parts = []
+        for key in self.keys:
+            if key in metrics and metrics[key] is not None:
+                parts.append(f"{_LABELS.get(key, key)} {float(_to_number(key, metrics[key])):.4g}")
+        if s_per_step is not None:
+            parts.append(f"s/step {s_per_step:.3g}")
+        return " ".join(parts)
+
+    def update(self, step: int, metrics: dict[str, Any] | None = None) -> str:
+        """Mark `step` (1-based count of finished steps) done; returns the description text."""
+        now = time.perf_counter()
+        s_per_step = None if self._last_time is None else now - self._last_time
+        self._last_time = now
+        text = self.describe(metrics or {}, s_per_step)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, description=text)
+        elif self.print_every > 0 and step % self.print_every == 0:
+            print0(f"step {step}/{self.total} {text}", flush=True)
+        return text
+
+    def print(self, message: str) -> None:
+        """Print a line (rank 0) without breaking the live bar."""
+        if self._bar is not None:
+            self._bar.console.print(message, markup=False, highlight=False)
+        else:
+            print0(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
