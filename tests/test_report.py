@@ -108,10 +108,18 @@ def test_progress_print_every_fallback_and_print(capsys):
     assert out[2] == "hello"
 
 
-def test_progress_enabled_renders_without_error():
-    with Progress(total=3, enabled=True) as progress:
+def test_progress_bar_only_on_a_tty(monkeypatch, capsys):
+    with Progress(total=3, enabled=True) as progress:  # pytest's stdout is not a TTY
+        assert not progress.enabled
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    with Progress(total=3, enabled=False) as progress:
+        assert not progress.enabled
+    with Progress(total=3) as progress:
+        assert progress.enabled
         progress.update(1, {"reward": 1.0})
         progress.print("message")
+    out = capsys.readouterr().out
+    assert "message" in out and "reward 1" in out
 
 
 def test_rank_helpers(monkeypatch, capsys):

@@ -199,8 +199,8 @@ _LABELS = {"tokens_per_s": "tok/s", "s_per_step": "s/step"}
 class Progress:
     """A rich progress bar showing step/total and selected metrics; silent when disabled.
 
-    Enabled only when `enabled` is True, or None and stdout is a TTY on rank 0. When disabled and
-    `print_every > 0`, prints a plain line every `print_every` steps instead (for log files).
+    Shown only on rank 0 when stdout is a TTY and `enabled` is not False (log files and tests get no
+    escape codes). When not shown and `print_every > 0`, prints a plain line every `print_every` steps.
     """
 
     def __init__(
@@ -212,12 +212,10 @@ class Progress:
         start: int = 0,
     ) -> None:
         self.total, self.keys, self.print_every = total, tuple(keys), print_every
-        if enabled is None:
-            enabled = sys.stdout.isatty() and is_main_process()
-        self.enabled = enabled
+        self.enabled = enabled is not False and sys.stdout.isatty() and is_main_process()
         self._last_time: float | None = None
         self._bar = None
-        if enabled:
+        if self.enabled:
             import rich.progress as rp
 
             columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn())
