@@ -99,6 +99,15 @@ def _file_stem(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_") or "metric"
 
 
+def _summary_row(key: str, series: Series) -> str:
+    s = summarize(series, _lower_is_better(key))
+    direction = "min" if _lower_is_better(key) else "max"
+    return (
+        f"| {key} | {s['first']:.6g} | {s['last']:.6g} | {s['best']:.6g} ({direction}) "
+        f"| {s['best_step']} | {s['n']} |"
+    )
+
+
 def write_run_report(
     run_dir: str | os.PathLike,
     title: str,
@@ -121,16 +130,11 @@ def write_run_report(
             continue
         png = plot_series(run_dir / "plots" / f"{_file_stem(key)}.png", {key: series}, title=key, ylabel=key)
         figures.append(f"![{key}]({png.relative_to(run_dir).as_posix()})")
-        s = summarize(series, _lower_is_better(key))
-        direction = "min" if _lower_is_better(key) else "max"
-        rows.append(
-            f"| {key} | {s['first']:.6g} | {s['last']:.6g} | {s['best']:.6g} ({direction}) "
-            f"| {s['best_step']} | {s['n']} |"
-        )
+        rows.append(_summary_row(key, series))
     lines = [
         f"# {title}",
         "",
-        f"{len(records)} logged steps from `{Path(metrics_path or 'metrics.jsonl').name}`.",
+        f"{len(records)} metric records from `{Path(metrics_path or 'metrics.jsonl').name}`.",
     ]
     if rows:
         lines += [

@@ -302,7 +302,8 @@ def load_checkpoint(
     """Restore weights (and optimizer state and RNG states) from a checkpoint; return its state.json.
 
     `run_dir_or_ckpt` is a run directory (its latest checkpoint is used) or a `step_*` directory. Only the
-    models named in `models` are loaded, so an evaluator may load just {"policy": model}.
+    models named in `models` are loaded, so an evaluator may load just {"policy": model}. The returned dict
+    also has "path", the checkpoint directory used.
     """
     ckpt = _resolve(run_dir_or_ckpt)
     state = json.loads((ckpt / "state.json").read_text())
