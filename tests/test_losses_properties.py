@@ -307,5 +307,9 @@ def test_copg_group_loop_over_pairs_vs_vectorised_and_rloo_gradient():
         policy.logprobs(tokens), rloo_advantages(shaped.view(prompts, group)).reshape(-1), mask
     )
     assert allclose(grad_vec, group * policy.grad(rloo))
+    surrogate, _ = copg_group_loss(
+        masked_sum(policy.logprobs(tokens), mask, -1).view(prompts, group), ref, r, beta, "surrogate"
+    )
+    assert allclose(policy.grad(surrogate), grad_vec)
     with pytest.raises(ValueError, match="G >= 2"):
         copg_group_loss(seq[:, :1], ref[:, :1], r[:, :1], beta=beta)

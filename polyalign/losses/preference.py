@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from polyalign.losses.masks import check_same_shape
+from polyalign.losses.masks import check_choice, check_same_shape
 
 
 def _check_beta(beta: float) -> None:
@@ -153,8 +153,7 @@ def copg_loss(
     R_beta(y')|), reward_diff (mean |DR|), logratio_diff (mean Da).
     """
     _check_beta(beta)
-    if form not in ("squared", "surrogate"):
-        raise ValueError(f"form={form!r} is not one of ('squared', 'surrogate')")
+    check_choice("form", form, ("squared", "surrogate"))
     logratio, logratio_prime = _pair_logratios(logps, logps_prime, ref_logps, ref_logps_prime)
     check_same_shape(logps=logps, rewards=rewards, rewards_prime=rewards_prime)
     reward_diff = (rewards - rewards_prime).detach().to(logratio.dtype)  # (B,)
@@ -175,7 +174,11 @@ def copg_loss(
 
 
 def copg_group_loss(
-    logps: torch.Tensor, ref_logps: torch.Tensor, rewards: torch.Tensor, beta: float = 0.1
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float = 0.1,
+    form: str = "squared",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CoPG over a group of G completions per prompt: the squared pair loss summed over all pairs.
 
@@ -185,11 +188,13 @@ def copg_group_loss(
     Scale convention: the 1/(2 beta) makes G=2 equal `copg_loss(form="squared")` exactly; the report's form
     omits it (multiply by 2 beta). The gradient is -sum_i A_i grad log pi(y_i) with A_i the RLOO advantage
     of the R_beta (Eq. 65, a sum over the group), i.e. G x `reinforce_loss` with `rloo_advantages`.
+    form="surrogate" gives that same gradient as -mean_p sum_i sg(G/(G-1) (x_i - mean x)) log pi(y_i).
 
     Shapes: logps, ref_logps, rewards (P, G), G >= 2, group-major. Returns (loss, stats): copg_objective
     (mean over prompts of 1/(G-1) sum_{i>j} l_CoPG(y_i, y_j)), weight_mean (mean |x_i - mean x|).
     """
     _check_beta(beta)
+    check_choice("form", form, ("squared", "surrogate"))
     check_same_shape(logps=logps, ref_logps=ref_logps, rewards=rewards)
     if logps.dim() != 2 or logps.shape[1] < 2:
         raise ValueError(f"inputs must be (P, G) with G >= 2, got shape {tuple(logps.shape)}")
@@ -197,7 +202,10 @@ def copg_group_loss(
     logratio = logps - ref_logps.detach()  # (P, G)
     rewards = rewards.detach().to(logratio.dtype)
     centred = (rewards - beta * logratio) - (rewards - beta * logratio).mean(dim=1, keepdim=True)  # (P, G)
-    losses = group_size / (group_size - 1) * (centred**2).sum(dim=1) / (2.0 * beta)  # (P,)
+    if form == "squared":
+        losses = group_size / (group_size - 1) * (centred**2).sum(dim=1) / (2.0 * beta)  # (P,)
+    else:
+        losses = -(group_size / (group_size - 1) * centred.detach() * logps).sum(dim=1)  # (P,)
     with torch.no_grad():
         # sum_{i>j} (DR Da - beta/2 Da^2) = G * sum_i (r_i - mean r)(a_i - mean a) - beta/2 * G * sum_i (a_i - mean a)^2
         r_c = rewards - rewards.mean(dim=1, keepdim=True)
