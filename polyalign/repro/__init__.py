@@ -1,0 +1,1 @@
+"""Paper reproductions in miniature (CPU, seconds to minutes): the CoPG toy bandit, Back-to-Basics RLOO."""
