@@ -1,0 +1,211 @@
+"""Reward functions: the contract, the built-ins, validation, and weighted combination.
+
+Contract. A reward function (RewardFn) is any callable
+
+    fn(prompts: list[str], completions: list[str], **columns) -> torch.Tensor  # (B,) float
+
+where B = len(completions), prompts[i] is the prompt of completions[i] (repeated G times for a group),
+and `columns` are extra per-row dataset columns (each a list of length B, e.g. `answer`). A reward
+function should accept and ignore columns it does not use (`**columns`). Rules live in `rules.py`, the
+reward-model scorer in `model.py`.
+
+Validation happens in one place, `check_scores`: a reward that raises, returns something other than a
+(B,) tensor, or returns NaN/Inf is reported with the reward's name, what was expected and what came back.
+
+Combination. `score_all(fns, weights, prompts, completions, **columns)` returns `(total, components)`:
+total (B,) = sum_f weights[f] * scores_f, and components {name: (B,) raw unweighted scores} for logging.
+Trainers call `score_all` so that every sub-reward can be logged. `combine(fns, weights)` wraps the same
+computation as a single RewardFn (total only) for callers that just need one callable. Both are pure:
+no hidden state is kept between calls.
+
+This module must not know about trainers, rollouts or token ids: rewards see text only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from polyalign.rewards import rules
+
+RewardFn = Callable[..., torch.Tensor]
+
+# name -> factory(**kwargs) -> RewardFn. Reward models are built with the "model:<name_or_path>" spec.
+REWARDS: dict[str, Callable[..., RewardFn]] = {
+    "exact_match": rules.exact_match,
+    "contains_any": rules.contains_any,
+    "length_reward": rules.length_reward,
+    "length_penalty": rules.length_penalty,
+    "lexicon_sentiment": rules.lexicon_sentiment,
+}
+
+NAN_POLICIES = ("error", "zero")
+
+
+class RewardError(RuntimeError):
+    """A reward function raised; the message names the reward and the original error."""
+
+
+def build_reward(spec: str, **kwargs: Any) -> RewardFn:
+    """Build a reward function from a spec string; `kwargs` go to the factory.
+
+    Spec forms:
+    - a built-in name from `REWARDS`, e.g. "lexicon_sentiment" or "length_penalty" (with max_chars=...);
+    - "model:<name_or_path>": a reward model (`RewardModelScorer`), e.g. "model:stories260K-sentiment-rm",
+      a local directory or a hub id; kwargs go to `RewardModelScorer` (batch_size, device, template, ...);
+    - "package.module:function": a user function. If it is a RewardFn already, pass no kwargs; with
+      kwargs it is treated as a factory and called as function(**kwargs).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"reward spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if spec.startswith("model:"):
+        from polyalign.rewards.model import RewardModelScorer  # lazy: pulls in transformers
+
+        return RewardModelScorer(spec.removeprefix("model:"), **kwargs)
+    if spec in REWARDS:
+        return REWARDS[spec](**kwargs)
+    if ":" in spec:
+        return _import_reward(spec, kwargs)
+    raise ValueError(
+        f"unknown reward {spec!r}: use one of {sorted(REWARDS)}, 'model:<name_or_path>' for a reward "
+        "model, or 'package.module:function' for your own function"
+    )
+
+
+def _import_reward(spec: str, kwargs: dict[str, Any]) -> RewardFn:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {e}") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return fn(**kwargs) if kwargs else fn
+
+
+def check_scores(scores: Any, n: int, name: str, nan_policy: str = "error") -> torch.Tensor:
+    """Validate what reward `name` returned for `n` completions; return (n,) float32 on CPU, detached.
+
+    nan_policy: "error" (default) raises on NaN/Inf naming the rows; "zero" replaces them with 0.
+    Integer and bool tensors are converted to float32.
+    """
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(
+            f"reward {name!r} must return a torch.Tensor of shape ({n},), got {type(scores).__name__}"
+        )
+    if scores.shape != (n,):
+        raise ValueError(
+            f"reward {name!r} must return shape ({n},) (one score per completion), got {tuple(scores.shape)}"
+        )
+    if scores.is_complex() or not (scores.is_floating_point() or scores.dtype in _INT_DTYPES):
+        raise ValueError(f"reward {name!r} must return a real-valued tensor, got dtype {scores.dtype}")
+    scores = scores.detach().to(device="cpu", dtype=torch.float32)
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        if nan_policy == "error":
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"reward {name!r} returned NaN/Inf at rows {rows[:20]}{' ...' if len(rows) > 20 else ''}"
+            )
+        scores = torch.where(bad, torch.zeros_like(scores), scores)
+    return scores
+
+
+_INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def score_all(
+    fns: Mapping[str, RewardFn],
+    weights: Mapping[str, float] | None,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    nan_policy: str = "error",
+    **columns: Any,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Score completions with every reward; return (total (B,), {name: raw scores (B,)}).
+
+    total = sum over names of weights[name] * scores[name]; weights=None means weight 1 for every reward.
+    Each column in `columns` must be a sequence of length B.
+    """
+    weights = _check_weights(fns, weights)
+    n = len(completions)
+    if len(prompts) != n:
+        raise ValueError(
+            f"got {len(prompts)} prompts for {n} completions; repeat each prompt once per completion"
+        )
+    for key, col in columns.items():
+        if isinstance(col, str) or not hasattr(col, "__len__") or len(col) != n:
+            got = (
+                "a string"
+                if isinstance(col, str)
+                else f"length {len(col) if hasattr(col, '__len__') else '?'}"
+            )
+            raise ValueError(
+                f"column {key!r} must be a sequence of length {n} (one value per completion), got {got}"
+            )
+    components: dict[str, torch.Tensor] = {}
+    for name, fn in fns.items():
+        try:
+            raw = fn(list(prompts), list(completions), **columns)
+        except Exception as e:
+            raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+        components[name] = check_scores(raw, n, name, nan_policy)
+    total = torch.zeros(n, dtype=torch.float32)  # (B,)
+    for name, scores in components.items():
+        total = total + weights[name] * scores
+    return total, components
+
+
+def _check_weights(fns: Mapping[str, RewardFn], weights: Mapping[str, float] | None) -> dict[str, float]:
+    if not fns:
+        raise ValueError("need at least one reward function")
+    for name, fn in fns.items():
+        if not callable(fn):
+            raise ValueError(f"reward {name!r} is not callable (got {type(fn).__name__})")
+    if weights is None:
+        return {name: 1.0 for name in fns}
+    missing, extra = set(fns) - set(weights), set(weights) - set(fns)
+    if missing or extra:
+        raise ValueError(
+            f"reward weights must name exactly the rewards {sorted(fns)}; "
+            f"missing {sorted(missing)}, unknown {sorted(extra)}"
+        )
+    out = {}
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+            raise ValueError(f"weight of reward {name!r} must be a finite number, got {w!r}")
+        out[name] = float(w)
+    return out
+
+
+def combine(
+    fns: Mapping[str, RewardFn], weights: Mapping[str, float] | None = None, nan_policy: str = "error"
+) -> RewardFn:
+    """One RewardFn returning the weighted sum of `fns` (use `score_all` to also get the components)."""
+    fns, checked = dict(fns), _check_weights(fns, weights)
+
+    def combined(prompts: list[str], completions: list[str], **columns: Any) -> torch.Tensor:
+        total, _ = score_all(fns, checked, prompts, completions, nan_policy=nan_policy, **columns)
+        return total
+
+    return combined
+
+
+__all__ = [
+    "REWARDS",
+    "NAN_POLICIES",
+    "RewardError",
+    "RewardFn",
+    "build_reward",
+    "check_scores",
+    "combine",
+    "score_all",
+]
