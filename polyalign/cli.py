@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    return args.func(args, extra)
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if a.startswith("--") and "=" in a and "." in a.split("=")[0]]
+    args, extra = build_parser().parse_known_args([a for a in argv if a not in overrides])
+    return args.func(args, overrides + extra)
 
 
 if __name__ == "__main__":

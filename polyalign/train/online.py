@@ -185,7 +185,7 @@ def update_phase(run: Run, rollout: Rollout, scored: Scored, advantages: torch.T
 
 def _accumulate(into: dict[str, float], values: dict, weight: float) -> None:
     for k, v in values.items():
-        into[k] = into.get(k, 0.0) + float(v) * weight
+        into[k] = into.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * weight
 
 
 # ---------------------------------------------------------------- the loop
@@ -226,19 +226,22 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def train_online(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train a policy online from a reward; returns a summary (final and best evaluation, run directory)."""
-    run = setup_run(cfg, resume=resume)
+def train_loop(run: Run) -> None:
+    """Steps from where the run stands (0, or the resumed step) to train.steps, checkpointing on the way."""
+    cfg = run.cfg
     if run.start_step == 0 and cfg.eval.every:
         run.state["eval_start"] = evaluate(run, step=0)
     for step in range(run.start_step, cfg.train.steps):
-        set_lr(
-            run.optimizer,
-            lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule),
-        )
+        set_lr(run.optimizer, lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule))
         metrics = train_step(run, step)
         run.logger.log(step + 1, metrics)
         run.progress.update(step + 1, metrics)
         run.state["step"] = step + 1
         maybe_checkpoint(run, step + 1)
+
+
+def train_online(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train a policy online from a reward; returns a summary (start and best evaluation, run directory)."""
+    run = setup_run(cfg, resume=resume)
+    train_loop(run)
     return finish_run(run)

@@ -62,7 +62,7 @@ class Run:
         return score_all(self.rewards, self.cfg.reward.functions, prompts, completions, **columns)
 
     def console(self, message: str) -> None:
-        self.progress.print(message)
+        print0(message)
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {"policy": self.policy} | ({"value": self.value_model} if self.value_model is not None else {})
@@ -117,7 +117,7 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
         eval_prompts,
         optimizer,
         MetricsLogger(run_dir),
-        Progress(total=cfg.train.steps, enabled=cfg.output.progress),
+        Progress(total=cfg.train.steps, enabled=cfg.output.progress, print_every=10),
         value_model,
     )
     if resume:
