@@ -1,0 +1,200 @@
+"""Model -> tensors: per-token log-probs, entropies and values of completions given prompts.
+
+The only place that runs a model forward for training (policy, reference and value model). It knows
+token ids and masks, not losses, rewards or text.
+
+Layout handled here: prompts padded on the LEFT or the RIGHT (any 0/1 mask; real tokens are moved to the
+right end of the prompt block first), completions padded on the RIGHT. Positions are
+`cumsum(attention_mask) - 1`, so padding never shifts a token's position. Only the hidden states that
+predict completion tokens go through the output head, and the log-softmax is "selective": a logsumexp over
+the vocabulary and a gather of one entry, chunked over rows, so the full (B, T, V) log-softmax is never
+materialised.
+
+Shapes: prompt_ids/prompt_mask (B, Tp), completion_ids/completion_mask (B, T), outputs (B, T) or (B,).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Rows of hidden states sent through the output head at once; bounds the (rows, T, V) logits in memory.
+HEAD_CHUNK_ROWS = 8
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers stay injected), else the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask) -> None:
+    if prompt_ids.shape != prompt_mask.shape or completion_ids.shape != completion_mask.shape:
+        raise ValueError(
+            f"ids and masks must match: prompt_ids {tuple(prompt_ids.shape)} vs prompt_mask "
+            f"{tuple(prompt_mask.shape)}, completion_ids {tuple(completion_ids.shape)} vs completion_mask "
+            f"{tuple(completion_mask.shape)}"
+        )
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != completion_ids.shape[0]:
+        raise ValueError(
+            f"expected 2-D prompt and completion tensors with the same batch size, got prompt "
+            f"{tuple(prompt_ids.shape)} and completion {tuple(completion_ids.shape)}"
+        )
+
+
+def left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move every row's real tokens (mask 1) to the right end, keeping their order: left padding."""
+    order = torch.argsort(mask.long(), dim=1, stable=True)  # zeros first, ones keep their order
+    return ids.gather(1, order), mask.gather(1, order)
+
+
+def _completion_hidden(
+    backbone: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Hidden states (B, T, H) at the positions that predict each completion token."""
+    _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    prompt_ids, prompt_mask = left_align(prompt_ids, prompt_mask)
+    if bool((prompt_mask.sum(1) == 0).any()):
+        raise ValueError("every row needs at least one real prompt token (prompt_mask row of all zeros)")
+    num_tokens = completion_ids.shape[1]
+    # The last completion token predicts nothing we score, so it is not fed in.
+    input_ids = torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1).long()
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return out.last_hidden_state[:, -num_tokens:]
+
+
+def _head_chunks(head: nn.Module, hidden: torch.Tensor, temperature: float):
+    """Yield (row slice, float32 logits / temperature) chunk by chunk."""
+    for start in range(0, hidden.shape[0], HEAD_CHUNK_ROWS):
+        rows = slice(start, start + HEAD_CHUNK_ROWS)
+        yield rows, head(hidden[rows]).float() / temperature
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[..., index] without materialising the full log-softmax: gather - logsumexp."""
+    return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 to compute log-probs, got {temperature}")
+
+
+def completion_logprobs_and_entropy(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (B, T) and, if asked, entropies (B, T) of softmax(logits / temperature).
+
+    Both are 0 where completion_mask == 0. Works for any causal LM whose `base_model` returns
+    `last_hidden_state` and whose `get_output_embeddings()` is the LM head (all HF decoder models).
+    """
+    _check_temperature(temperature)
+    model = _unwrap(model)
+    batch, num_tokens = completion_ids.shape
+    if num_tokens == 0:
+        empty = completion_ids.new_zeros((batch, 0), dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    hidden = _completion_hidden(model.base_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    head = model.get_output_embeddings()
+    logprobs, entropies = [], []
+    for rows, logits in _head_chunks(head, hidden, temperature):
+        logprobs.append(selective_log_softmax(logits, completion_ids[rows]))
+        if with_entropy:
+            entropies.append(_entropy(logits))
+    mask = completion_mask.bool()
+    logprobs_bt = torch.cat(logprobs).masked_fill(~mask, 0.0)  # (B, T)
+    entropy_bt = torch.cat(entropies).masked_fill(~mask, 0.0) if with_entropy else None
+    return logprobs_bt, entropy_bt
+
+
+def completion_logprobs(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log pi(completion_t | prompt, completion_<t) under logits / temperature; (B, T), 0 on padding."""
+    logprobs, _ = completion_logprobs_and_entropy(
+        model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, with_entropy=False
+    )
+    return logprobs
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log pi(completion | prompt) = sum of the per-token log-probs over the completion; (B,)."""
+    return completion_logprobs(
+        model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature
+    ).sum(-1)
+
+
+def value_forward(
+    value_model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Per-token values (B, T), 0 on padding: V(state before completion token t).
+
+    The value model is any transformers model with a scalar `score` head on top of `base_model`:
+    `AutoModelForTokenClassification(num_labels=1)` or `AutoModelForSequenceClassification(num_labels=1)`
+    (e.g. a reward model, the usual PPO initialisation). The head is applied at every position here, so both
+    classes give token-level values; values[:, t] is read at the same position whose logits give the
+    log-prob of completion token t, which is what GAE pairs with reward t.
+    """
+    model = _unwrap(value_model)
+    head = getattr(model, "score", None)
+    if head is None:
+        raise ValueError(
+            f"value model {type(model).__name__} has no `score` head; use a TokenClassification or "
+            "SequenceClassification model with num_labels=1"
+        )
+    if completion_ids.shape[1] == 0:
+        return completion_ids.new_zeros((completion_ids.shape[0], 0), dtype=torch.float32)
+    hidden = _completion_hidden(model.base_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    values = head(hidden)
+    if values.shape[-1] != 1:
+        raise ValueError(f"value model head must output 1 number per token, got {values.shape[-1]}")
+    return values.squeeze(-1).float().masked_fill(~completion_mask.bool(), 0.0)
+
+
+def truncate_at_eos(
+    completion_ids: torch.Tensor, eos_id: int | list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut each row after its first EOS: (ids with pad after the EOS, mask (B, T) that includes the EOS).
+
+    `eos_id` may be one id or a list (models with several end tokens). Rows without EOS keep every token.
+    """
+    eos = torch.as_tensor(eos_id, device=completion_ids.device).reshape(-1)
+    is_eos = torch.isin(completion_ids, eos).long()  # (B, T)
+    # Tokens strictly after the first EOS have a positive count of EOS before them.
+    eos_before = is_eos.cumsum(1) - is_eos
+    mask = (eos_before == 0).long()
+    return completion_ids.masked_fill(mask == 0, pad_id), mask

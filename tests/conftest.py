@@ -1,0 +1,52 @@
+"""Shared test fixtures: the shipped stories260K model, a random tiny Llama, and fixed seeds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from polyalign.models import load_policy
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """A 2-layer Llama config, hidden 32, vocab 512 (the stories260K tokenizer fits it)."""
+    settings = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    """Every test starts from the same global RNG state."""
+    random.seed(0)
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture(scope="session")
+def stories():
+    """(model, tokenizer) of the shipped 260K-parameter TinyStories Llama, in eval mode, float32."""
+    model, tokenizer = load_policy("stories260K")
+    return model.eval(), tokenizer
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    """A random 2-layer Llama (hidden 32, vocab 512) initialised from a fixed seed, in eval mode."""
+    torch.manual_seed(1234)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
