@@ -20,7 +20,8 @@ Truncation, per example, to at most `max_length` prompt + completion tokens:
 1. a completion longer than `max_length - 1` is cut from the RIGHT to `max_length - 1` (losing its EOS)
    and flagged `completion_truncated`: at least one prompt token must remain to predict its first token;
 2. the prompt is cut from the LEFT to `min(max_prompt_length, max_length - completion length)` (for a pair,
-   the longer completion) and flagged `prompt_truncated`; a leading BOS token is kept.
+   the longer completion) and flagged `prompt_truncated`; a leading BOS token is kept when at least two
+   prompt tokens fit (with one, the last prompt token is kept).
 
 Collation: prompts LEFT padded, completions RIGHT padded, masks 1 on real tokens, ready for
 `polyalign.logprobs.completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)`.
@@ -204,7 +205,7 @@ def _check_lengths(max_length: int, max_prompt_length: int) -> None:
 
 
 def _left_truncate(ids: list[int], length: int, bos_id: int | None) -> list[int]:
-    """The last `length` tokens, keeping a leading BOS."""
+    """The last `length` tokens; a leading BOS stays in front when length >= 2."""
     if len(ids) <= length:
         return ids
     if bos_id is not None and ids[0] == bos_id and length >= 2:

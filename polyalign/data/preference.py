@@ -5,9 +5,9 @@ Formats (`fmt="auto"` picks one from the first record's columns; names are confi
 - `pairs`: {prompt, chosen, rejected}. Strings, or chat message lists [{"role", "content"}]. With message
   lists the prompt may be empty or absent: the messages chosen and rejected share become the prompt (after
   the given prompt, when chosen/rejected repeat it), and what follows must be one assistant message each.
-- `hh` (Anthropic HH-RLHF): {chosen, rejected}, whole "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogues. The prompt is
-  their shared prefix up to and including the last "\\n\\nAssistant:" they share; chosen/rejected are the rest
-  (so prompt + chosen == the original chosen text, leading space included).
+- `hh` (Anthropic HH-RLHF): {chosen, rejected}, whole "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogues. The
+  prompt is their shared prefix up to and including the last "\\n\\nAssistant:" they share; chosen/rejected
+  are the rest (so prompt + chosen == the original chosen text, leading space included).
 - `sharegpt` (the shipped LLaMA-Factory demo): {conversations: [{from, value}], chosen: {from, value},
   rejected: {from, value}}; roles human/gpt/system map to user/assistant/system.
 - `scored`: {prompt, completion, reward}, several rows per prompt. `load_scored` returns the rows;
@@ -234,7 +234,7 @@ def detect_format(row: dict, columns: Columns = Columns(), source: str = "data")
         f"{source}: cannot detect the preference format; columns found: {sorted(keys)}. Expected one of: "
         f"pairs {{{c.prompt}, {c.chosen}, {c.rejected}}}; hh {{{c.chosen}, {c.rejected}}} as "
         f"'\\n\\nHuman: ... \\n\\nAssistant: ...' dialogues; sharegpt {{{c.conversations}, {c.chosen}, "
-        f"{c.rejected}}}; scored {{{c.prompt}, {c.completion}, {c.reward}}}. Rename columns with Columns(...)",
+        f"{c.rejected}}}; scored {{{c.prompt}, {c.completion}, {c.reward}}}. Rename them with Columns(...)",
         "missing_field",
     )
 

@@ -1,0 +1,222 @@
+"""Prompt rendering, tokenization, truncation and collation (polyalign/data/chat.py), with the shipped
+stories260K tokenizer and a copy of it given a small chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from polyalign.data.chat import (
+    TokenizedExample,
+    collate_pairs,
+    collate_sft,
+    normalize_messages,
+    pad_sequences,
+    render_prompt,
+    tokenize_completion,
+    tokenize_pair,
+    tokenize_preference,
+    tokenize_prompt,
+    truncation_counts,
+)
+from polyalign.data.io import DataError
+from polyalign.data.preference import PreferencePair, load_preferences
+
+STORIES = Path(__file__).parent.parent / "polyalign" / "assets" / "stories260K"
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+BOS, EOS = 1, 2
+MESSAGES = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Tell me a story."}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(STORIES)
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+def test_render_prompt_plain_and_template(tok, chat_tok):
+    assert render_prompt(tok, "Once upon a time") == "Once upon a time"  # base model: the raw text
+    assert render_prompt(tok, MESSAGES) == "\n\nSystem: Be kind.\n\nHuman: Tell me a story.\n\nAssistant:"
+    assert render_prompt(chat_tok, MESSAGES) == "<s>system: Be kind.\nuser: Tell me a story.\nassistant:"
+    assert render_prompt(chat_tok, "Hi") == "Hi"  # strings use the template only when asked
+    assert render_prompt(chat_tok, "Hi", use_chat_template=True) == "<s>user: Hi\nassistant:"
+    assert render_prompt(chat_tok, MESSAGES, use_chat_template=False).startswith("\n\nSystem:")
+    with pytest.raises(ValueError, match="no chat_template"):
+        render_prompt(tok, "Hi", use_chat_template=True)
+    with pytest.raises(DataError, match="message 1"):
+        render_prompt(tok, [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}])
+
+
+PROMPTS = ["Once upon a ti", "Lily saw a", "Tom was happy.", "你好", "Once upon a time"]
+COMPLETIONS = ["me there was a dog.", "big red ball.", " He ran.", "世界", ", a cat sat."]
+
+
+def test_prompt_tokens_identical_alone_and_with_completion(tok):
+    differs_from_joint = 0
+    for prompt, completion in zip(PROMPTS, COMPLETIONS):
+        alone = tokenize_prompt(tok, prompt)
+        example = tokenize_pair(tok, prompt, completion, max_length=512, max_prompt_length=256)
+        assert example.prompt_ids == alone == tok(prompt)["input_ids"]
+        assert alone[0] == BOS and alone.count(BOS) == 1
+        assert example.completion_ids == tok(completion, add_special_tokens=False)["input_ids"] + [EOS]
+        assert not example.prompt_truncated and not example.completion_truncated
+        joint = tok(prompt + completion)["input_ids"]
+        differs_from_joint += joint[: len(alone)] != alone
+    assert differs_from_joint >= 1  # joint tokenization would have merged across the boundary
+
+
+def test_prompt_tokens_identical_with_chat_template(chat_tok):
+    alone = tokenize_prompt(chat_tok, MESSAGES)
+    assert alone.count(BOS) == 1 and alone[0] == BOS  # the template's BOS, no second one added
+    assert chat_tok.decode(alone[1:]) == "system: Be kind.\nuser: Tell me a story.\nassistant:"
+    example = tokenize_pair(chat_tok, MESSAGES, "Once there was a fox.", 512, 256)
+    assert example.prompt_ids == alone
+    assert example.completion_ids[-1] == EOS and BOS not in example.completion_ids
+
+
+def test_completion_eos_is_configurable(tok):
+    assert (
+        tokenize_completion(tok, "The end.", add_eos=False)
+        == tok("The end.", add_special_tokens=False)["input_ids"]
+    )
+    assert tokenize_completion(tok, "The end.")[-1] == EOS
+    with pytest.raises(ValueError, match="no tokens"):
+        tokenize_completion(tok, "", add_eos=False)
+
+
+def test_truncation_cuts_prompt_from_left_and_keeps_completion(tok):
+    prompt = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+    completion = "One day, she saw a big ball."
+    full_prompt, full_completion = tokenize_prompt(tok, prompt), tokenize_completion(tok, completion)
+    max_length = len(full_completion) + 6
+    example = tokenize_pair(tok, prompt, completion, max_length=max_length, max_prompt_length=100)
+    assert example.completion_ids == full_completion and not example.completion_truncated
+    assert example.prompt_ids == [BOS] + full_prompt[-5:]  # BOS kept, then the END of the prompt
+    assert example.prompt_truncated
+    assert len(example.prompt_ids) + len(example.completion_ids) == max_length
+    by_prompt_limit = tokenize_pair(tok, prompt, completion, max_length=512, max_prompt_length=4)
+    assert by_prompt_limit.prompt_ids == [BOS] + full_prompt[-3:]
+    assert by_prompt_limit.completion_ids == full_completion
+
+
+def test_completion_alone_too_long_is_cut_from_the_right(tok):
+    completion = "Lily and Tom went to the park to play with the big red ball every day."
+    full = tokenize_completion(tok, completion)
+    example = tokenize_pair(tok, "Once upon a time", completion, max_length=8, max_prompt_length=4)
+    assert example.completion_ids == full[:7] and example.completion_truncated  # EOS cut off too
+    # one prompt token always stays: the last one, which predicts the completion's first token
+    assert example.prompt_ids == tokenize_prompt(tok, "Once upon a time")[-1:] and example.prompt_truncated
+    short = tokenize_pair(tok, "Once upon a time", "Hi.", max_length=9, max_prompt_length=5)
+    assert truncation_counts([example, short]) == {"prompt_truncated": 1, "completion_truncated": 1}
+    with pytest.raises(ValueError, match="max_length >= 2"):
+        tokenize_pair(tok, "a", "b", max_length=1, max_prompt_length=1)
+
+
+def test_pair_prompt_fits_the_longer_completion(tok):
+    pair = PreferencePair(
+        "Once upon a time, there was a little dog named Max.",
+        "He ran.",
+        "Max liked to run and jump in the big green park.",
+        "en",
+        "mem",
+        0,
+        1.0,
+        0.0,
+    )
+    prompt_ids = tokenize_prompt(tok, pair.prompt)
+    rejected = tokenize_completion(tok, pair.rejected)
+    example = tokenize_preference(tok, pair, max_length=len(rejected) + 4, max_prompt_length=64)
+    assert example.rejected_ids == rejected and example.chosen_ids == tokenize_completion(tok, pair.chosen)
+    assert example.prompt_ids == [BOS] + prompt_ids[-3:]
+    assert (example.prompt_truncated, example.chosen_truncated, example.rejected_truncated) == (
+        True,
+        False,
+        False,
+    )
+    assert (example.language, example.chosen_score, example.rejected_score) == ("en", 1.0, 0.0)
+
+
+def test_collate_pairs_padding_sides_and_masks(tok):
+    pairs = [
+        PreferencePair("Once upon a time", "there was a cat.", "no.", "en", "mem", 0, 2.0, 1.0),
+        PreferencePair("Tom", "ran.", "Tom ran to the big park with his dog.", "fr", "mem", 1, 0.5, 0.0),
+    ]
+    examples = [tokenize_preference(tok, p, 64, 32) for p in pairs]
+    batch = collate_pairs(examples, pad_id=0)
+    lengths = [(len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
+    width = max(max(c, r) for _, c, r in lengths)
+    assert batch.prompt_ids.shape == (2, max(p for p, _, _ in lengths))
+    assert batch.chosen_ids.shape == batch.rejected_ids.shape == (2, width)  # one width for both sides
+    for i, (example, (p, c, r)) in enumerate(zip(examples, lengths)):
+        assert batch.prompt_ids[i, -p:].tolist() == example.prompt_ids  # LEFT padded
+        assert batch.prompt_mask[i].tolist() == [0] * (batch.prompt_ids.shape[1] - p) + [1] * p
+        assert batch.chosen_ids[i, :c].tolist() == example.chosen_ids  # RIGHT padded
+        assert batch.chosen_mask[i].tolist() == [1] * c + [0] * (width - c)
+        assert batch.rejected_mask[i].tolist() == [1] * r + [0] * (width - r)
+        assert (batch.rejected_ids[i, r:] == 0).all() and (
+            batch.prompt_ids[i, : batch.prompt_ids.shape[1] - p] == 0
+        ).all()
+    assert batch.prompt_ids.dtype == batch.chosen_mask.dtype == torch.long
+    assert batch.language == ["en", "fr"]
+    assert batch.chosen_scores.tolist() == [2.0, 0.5] and batch.rejected_scores.tolist() == [1.0, 0.0]
+    unscored = collate_pairs(
+        [examples[0], tokenize_preference(tok, PreferencePair("a", "b", "c", None, "m", 2), 64, 32)], 0
+    )
+    assert unscored.chosen_scores is None and unscored.language == ["en", None]
+    assert collate_pairs(examples, pad_id=7).rejected_ids[0, -1].item() == 7
+
+
+def test_collate_sft_and_pad_sequences():
+    examples = [TokenizedExample([1, 5], [7, 8, 2], language="en"), TokenizedExample([1], [9, 2])]
+    batch = collate_sft(examples, pad_id=0)
+    assert batch.prompt_ids.tolist() == [[1, 5], [0, 1]] and batch.prompt_mask.tolist() == [[1, 1], [0, 1]]
+    assert batch.completion_ids.tolist() == [[7, 8, 2], [9, 2, 0]]
+    assert batch.completion_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch.language == ["en", None]
+    assert batch.to("cpu").completion_ids.tolist() == batch.completion_ids.tolist()
+    with pytest.raises(ValueError, match="side"):
+        pad_sequences([[1]], 0, "middle")
+    with pytest.raises(ValueError, match="at least one"):
+        collate_sft([], 0)
+
+
+def test_normalize_messages_drops_extra_keys_and_checks_content():
+    assert normalize_messages([{"role": "user", "content": "x", "name": "n"}]) == [
+        {"role": "user", "content": "x"}
+    ]
+    with pytest.raises(DataError, match="'content' must be a string"):
+        normalize_messages([{"role": "user", "content": None}])
+
+
+def test_collated_demo_batch_feeds_completion_logprobs(tok):
+    """A padded batch gives each row the same log-probs as that row alone (padding is inert)."""
+    logprobs = pytest.importorskip("polyalign.logprobs")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    pairs = load_preferences("builtin:dpo-demo-en")[:3]
+    examples = [tokenize_preference(tok, p, max_length=48, max_prompt_length=24) for p in pairs]
+    batch = collate_pairs(examples, pad_id=0)
+    with torch.no_grad():
+        together = logprobs.completion_logprobs(
+            model, batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask
+        )
+        for i, example in enumerate(examples):
+            one = collate_pairs([example], pad_id=0)
+            alone = logprobs.completion_logprobs(
+                model, one.prompt_ids, one.prompt_mask, one.chosen_ids, one.chosen_mask
+            )
+            n = len(example.chosen_ids)
+            torch.testing.assert_close(together[i, :n], alone[0, :n], atol=1e-5, rtol=1e-5)
+            assert (together[i, n:] == 0).all()
