@@ -96,9 +96,10 @@ def advantage_phase(run: Run, scored: Scored) -> torch.Tensor:
     if a.name == "rloo":
         adv = losses.rloo_advantages(R.view(-1, G)).flatten()
     elif a.name == "reinforce":
-        adv, run.state["baseline"] = losses.moving_average_baseline(
-            R, run.state.get("baseline"), momentum=a.baseline_momentum
-        )
+        saved = run.state.get("baseline")  # kept JSON-friendly so that it rides in checkpoints
+        state = losses.BaselineState(saved["mean"], saved["count"]) if saved else None
+        adv, new = losses.moving_average_baseline(R, state, momentum=a.baseline_momentum)
+        run.state["baseline"] = {"mean": float(new.mean), "count": int(new.count)}
     else:  # vanilla_pg, and the signals others ignore
         adv = R.clone()
     return losses.whiten(adv) if a.whiten_advantages else adv

@@ -72,7 +72,7 @@ def ppo_update(run, rollout, scored) -> dict[str, float]:
                 (loss * (len(rows) / len(rows_mb))).backward()
                 weight = len(rows) / len(rows_mb) / n_updates
                 for k, v in {"loss": loss, "policy_loss": pl, "value_loss": vl, **pstats, **vstats}.items():
-                    stats[k] = stats.get(k, 0.0) + float(v) * weight
+                    stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * weight
             result = step_optimizer(params, run.optimizer, cfg.train.max_grad_norm)
             stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(result.grad_norm) / n_updates
             stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + float(result.skipped)

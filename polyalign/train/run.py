@@ -62,7 +62,7 @@ class Run:
         return score_all(self.rewards, self.cfg.reward.functions, prompts, completions, **columns)
 
     def console(self, message: str) -> None:
-        print0(message)
+        self.progress.print(message)
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {"policy": self.policy} | ({"value": self.value_model} if self.value_model is not None else {})
@@ -117,7 +117,8 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
         eval_prompts,
         optimizer,
         MetricsLogger(run_dir),
-        Progress(total=cfg.train.steps, enabled=cfg.output.progress, print_every=10),
+        Progress(total=cfg.train.steps, keys=("reward", "score", "kl", "length", "tokens_per_s"),
+                       enabled=cfg.output.progress, print_every=10 if cfg.output.progress else 0),
         value_model,
     )
     if resume:
