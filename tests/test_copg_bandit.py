@@ -1,7 +1,7 @@
 """Tests for the CoPG toy-bandit reproduction (SPEC 4.4, Figure 1 of arXiv:2406.19185).
 
-One run with the paper's exact settings (100 epochs, lr 1e-3, batch 512, 10^4 pairs) is shared by several tests;
-a reduced setting (larger lr, fewer pairs) checks convergence in a fraction of a second.
+One run with the paper's exact settings (100 epochs, lr 1e-3, batch 512, 10^4 pairs) is shared by several
+tests; a reduced setting (larger lr, fewer pairs) checks convergence in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
 
 
 def test_optimal_policy_closed_form_and_value() -> None:
-    """pi* = softmax(R/beta) for uniform pi_ref: logits (5, 4, 2); J(pi*) = beta ln Z* with Z* = mean exp(R/beta)."""
+    """pi* = softmax(R/beta) for a uniform pi_ref, logits (5, 4, 2); J(pi*) = beta ln mean(exp(R/beta))."""
     best = cb.optimal_policy(REWARDS, REF, BETA)
     expected = torch.exp(torch.tensor([5.0, 4.0, 2.0], dtype=torch.float64))
     torch.testing.assert_close(best, expected / expected.sum())
@@ -86,30 +86,25 @@ def test_sample_pairs_frequencies_preferences_and_seed() -> None:
     assert torch.equal(again.chosen, pairs.chosen) and torch.equal(again.arms, pairs.arms)
 
 
-def test_pg_surrogate_gradient_is_eq_24() -> None:
-    """For a softmax policy, grad_theta ln pi(y) = e_y - pi; Eq. 24 summed over pairs, averaged, negated."""
+@pytest.mark.parametrize("method", ["pg", "pg_value"])
+def test_pg_gradients_are_eq_24(method: str) -> None:
+    """For a softmax policy grad_theta ln pi(y) = e_y - pi, so minus the gradient of the method's loss must be
+    mean over pairs of (R_beta(y) - b)(e_y - pi) + (R_beta(y') - b)(e_y' - pi), with b = 0 for "pg" and
+    b = sum_y pi(y) R(y) (exact, unregularised) for "pg_value"."""
     logits = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
     arms, arms_prime = torch.tensor([0, 2, 1, 2]), torch.tensor([2, 2, 0, 1])
-    baseline = 1.7
-    logp = torch.log_softmax(logits, dim=-1)
-    ref = REF.log()
-    loss = cb.pg_surrogate_loss(
-        logp[arms],
-        logp[arms_prime],
-        ref[arms],
-        ref[arms_prime],
-        REWARDS[arms],
-        REWARDS[arms_prime],
-        BETA,
-        baseline=baseline,
-    )
+    batch = cb.BanditPairs(arms, arms_prime, arms, arms_prime)
+    loss = cb.METHOD_LOSSES[method](torch.log_softmax(logits, dim=-1), batch, REWARDS, REF.log(), BETA)
     (grad,) = torch.autograd.grad(loss, logits)
-    probs = logp.detach().exp()
-    reg_reward = REWARDS - BETA * (probs.log() - ref)  # R_beta per arm
+    probs = torch.softmax(logits.detach(), dim=-1)
+    baseline = float((probs * REWARDS).sum()) if method == "pg_value" else 0.0
+    reg_reward = REWARDS - BETA * (probs.log() - REF.log())  # R_beta per arm
+    eye = torch.eye(3, dtype=torch.float64)
     expected = torch.zeros(3, dtype=torch.float64)
     for y, yp in zip(arms.tolist(), arms_prime.tolist()):
-        expected += (reg_reward[y] - baseline) * (torch.eye(3, dtype=torch.float64)[y] - probs)
-        expected += (reg_reward[yp] - baseline) * (torch.eye(3, dtype=torch.float64)[yp] - probs)
+        expected += (reg_reward[y] - baseline) * (eye[y] - probs) + (reg_reward[yp] - baseline) * (
+            eye[yp] - probs
+        )
     torch.testing.assert_close(grad, -expected / len(arms))
 
 
@@ -192,7 +187,7 @@ def test_table_and_cli(tmp_path, capsys) -> None:
 
 
 def test_same_seed_same_results_and_methods_independent() -> None:
-    """Reproducible per seed; training methods together equals training each alone (one Adam is elementwise)."""
+    """Reproducible per seed; training methods together equals training each alone (Adam is elementwise)."""
     kwargs = dict(epochs=3, seed=7, batch_size=128, n_pairs=500, lr=1e-2)
     both = cb.run_copg_bandit(**kwargs)
     assert both == cb.run_copg_bandit(**kwargs)

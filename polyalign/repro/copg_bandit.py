@@ -8,8 +8,9 @@ offline from those pairs with Adam (lr 1e-3, minibatches of 512 pairs reshuffled
   `polyalign.losses.ipo_loss`.
 - "pg": the naive off-policy policy gradient of Eq. 23-24 with b = 0 ("vanilla").
 - "pg_value": the same with the exact value baseline b = E_{y~pi}[R(y)] (unregularised R, as in the paper).
-The metric is the regret J(pi*) - J(pi), J(pi) = sum_y pi(y) R(y) - beta KL(pi || pi_ref) (Eq. 2, 25), computed
-analytically. Since J(pi) = beta ln Z* - beta KL(pi || pi*), the regret also equals beta KL(pi || pi*).
+The metric is the regret J(pi*) - J(pi), J(pi) = sum_y pi(y) R(y) - beta KL(pi || pi_ref) (Eq. 2, 25),
+computed analytically. Since J(pi) = beta ln Z* - beta KL(pi || pi*), the regret also equals
+beta KL(pi || pi*).
 
 Choices the paper does not state (SPEC 4.4, [I]), fixed here and recorded in results.json:
 - policy: 3 logits initialised at 0 (= pi_ref); float64 throughout;
@@ -74,13 +75,13 @@ def optimal_policy(rewards: torch.Tensor, ref_probs: torch.Tensor, beta: float) 
 def regularised_value(
     probs: torch.Tensor, rewards: torch.Tensor, ref_probs: torch.Tensor, beta: float
 ) -> float:
-    """J(pi) = sum_y pi(y) R(y) - beta KL(pi || pi_ref) (Eq. 2), exactly. Arms with pi(y) = 0 add 0 to the KL."""
+    """J(pi) = sum_y pi(y) R(y) - beta KL(pi || pi_ref) (Eq. 2), exactly; arms with pi(y) = 0 add 0 to KL."""
     log_ratio = torch.where(probs > 0, torch.log(probs) - torch.log(ref_probs), torch.zeros_like(probs))
     return float((probs * rewards).sum() - beta * (probs * log_ratio).sum())
 
 
 def regret(probs: torch.Tensor, rewards: torch.Tensor, ref_probs: torch.Tensor, beta: float) -> float:
-    """J(pi*) - J(pi) (Eq. 25), >= 0 with equality only at pi*."""
+    """J(pi*) - J(pi) (Eq. 25), >= 0 (up to float rounding, ~1e-16) with equality only at pi*."""
     best = optimal_policy(rewards, ref_probs, beta)
     return regularised_value(best, rewards, ref_probs, beta) - regularised_value(
         probs, rewards, ref_probs, beta
@@ -90,7 +91,7 @@ def regret(probs: torch.Tensor, rewards: torch.Tensor, ref_probs: torch.Tensor, 
 def sample_pairs(
     n_pairs: int, mu1: torch.Tensor, mu2: torch.Tensor, rewards: torch.Tensor, generator: torch.Generator
 ) -> BanditPairs:
-    """Sample the dataset once: y ~ mu1, y' ~ mu2 independently, then y preferred w.p. sigmoid(R(y) - R(y'))."""
+    """Sample the dataset once: y ~ mu1, y' ~ mu2 independently; y preferred w.p. sigmoid(R(y) - R(y'))."""
     arms = torch.multinomial(mu1, n_pairs, replacement=True, generator=generator)  # (N,)
     arms_prime = torch.multinomial(mu2, n_pairs, replacement=True, generator=generator)  # (N,)
     p_first = torch.sigmoid(rewards[arms] - rewards[arms_prime])  # (N,)
@@ -113,8 +114,8 @@ def pg_surrogate_loss(
     """Naive off-policy PG on pairs (Eq. 23-24): minus the mean over pairs of
     sg(R_beta(y) - b) ln pi(y) + sg(R_beta(y') - b) ln pi(y'),  R_beta(y) = R(y) - beta ln(pi(y)/pi_ref(y)).
 
-    Its gradient is minus Eq. 24. The weights are detached (a score-function estimator), so this is the gradient
-    one would use if the pairs came from pi; they come from mu1 x mu2, hence the bias the paper shows.
+    Its gradient is minus Eq. 24. The weights are detached (a score-function estimator), so this is the
+    gradient one would use if the pairs came from pi; they come from mu1 x mu2, hence the paper's bias.
     Shapes: all (B,); baseline a scalar (detached here). Returns a scalar.
     """
     weight = (rewards - beta * (logprobs - ref_logprobs) - baseline).detach()
@@ -230,7 +231,7 @@ def run_copg_bandit(
     log_every: int = 0,
     methods: tuple[str, ...] = METHODS,
 ) -> dict:
-    """Run the four methods of Figure 1 on one seeded dataset and return the results (schema: `results_schema`).
+    """Run the methods of Figure 1 on one seeded dataset; return the results (schema: `results_schema`).
 
     `log_every` > 0 prints each method's regret every that many epochs. With `out_dir`, also writes
     out_dir/results.json (atomically) and out_dir/regret.png.
@@ -291,7 +292,7 @@ def results_schema() -> dict[str, str]:
     """The keys of results.json, with what each holds (also the contract the tests check)."""
     return {
         "seed": "int: seeds the dataset (and seed + 1 the minibatch order)",
-        "settings": "dict: epochs, batch_size, lr, n_pairs, beta, rewards, mu1, mu2, ref_policy, ipo_tau, ...",
+        "settings": "dict: run settings (epochs, lr, batch_size, n_pairs, beta, rewards, mu1, mu2, ...)",
         "optimal_policy": "list[float] (3,): pi* = pi_ref exp(R/beta) / Z*",
         "optimal_value": "float: J(pi*) = beta ln Z*",
         "epochs": "list[int]: 0..epochs, the x-axis of every regret curve",
@@ -341,7 +342,10 @@ def write_results(results: dict, out_dir: str | os.PathLike[str]) -> tuple[Path,
 
 
 def plot_regret(results: dict, path: str | os.PathLike[str]) -> None:
-    """Figure 1 of the paper: regret vs epoch, one line per method, log-scale y (floored at 1e-8)."""
+    """Figure 1 of the paper: regret vs epoch, one line per method, log-scale y.
+
+    Regrets are floored at 1e-12 for the log axis (float64 regret is exact to ~1e-15).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,7 +353,7 @@ def plot_regret(results: dict, path: str | os.PathLike[str]) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, record in results["methods"].items():
-        ax.plot(results["epochs"], [max(r, 1e-8) for r in record["regret"]], label=METHOD_LABELS[method])
+        ax.plot(results["epochs"], [max(r, 1e-12) for r in record["regret"]], label=METHOD_LABELS[method])
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("regret  J(pi*) - J(pi)")
