@@ -119,10 +119,24 @@ def user_factory(scale: float):
 
 
 def test_build_reward_builtin_import_path_and_errors():
-    assert set(REWARDS) >= {"exact_match", "contains_any", "length_reward", "length_penalty", "lexicon_sentiment"}
-    assert build_reward("length_penalty", max_chars=1, per_char=1.0)(PROMPTS, COMPLETIONS).tolist() == [0, -1, -2]
+    assert set(REWARDS) >= {
+        "exact_match",
+        "contains_any",
+        "length_reward",
+        "length_penalty",
+        "lexicon_sentiment",
+    }
+    assert build_reward("length_penalty", max_chars=1, per_char=1.0)(PROMPTS, COMPLETIONS).tolist() == [
+        0,
+        -1,
+        -2,
+    ]
     assert build_reward("tests.test_rewards:user_reward")(PROMPTS, COMPLETIONS).tolist() == [1.0, 2.0, 3.0]
-    assert build_reward("tests.test_rewards:user_factory", scale=0.5)(PROMPTS, COMPLETIONS).tolist() == [0.5] * 3
+    assert (
+        build_reward("tests.test_rewards:user_factory", scale=0.5)(PROMPTS, COMPLETIONS).tolist() == [0.5] * 3
+    )
+    with pytest.raises(ValueError, match=r"reward 'contains_any': bad arguments.*words"):
+        build_reward("contains_any")
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
         build_reward("nope")
     with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):

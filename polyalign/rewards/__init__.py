@@ -24,6 +24,7 @@ This module must not know about trainers, rollouts or token ids: rewards see tex
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -68,7 +69,14 @@ def build_reward(spec: str, **kwargs: Any) -> RewardFn:
 
         return RewardModelScorer(spec.removeprefix("model:"), **kwargs)
     if spec in REWARDS:
-        return REWARDS[spec](**kwargs)
+        factory = REWARDS[spec]
+        try:
+            inspect.signature(factory).bind(**kwargs)
+        except TypeError as e:
+            raise ValueError(
+                f"reward {spec!r}: bad arguments {kwargs}: {e}; signature {spec}{inspect.signature(factory)}"
+            ) from e
+        return factory(**kwargs)
     if ":" in spec:
         return _import_reward(spec, kwargs)
     raise ValueError(
