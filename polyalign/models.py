@@ -122,7 +122,11 @@ def load_policy(
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Renamed to activation checkpointing in transformers 5; the old name warns there.
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable()
         model.config.use_cache = False
     model.train()
     return _finish(model, tokenizer, device), tokenizer

@@ -10,6 +10,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from polyalign.models import load_policy
 
+# The tests use tiny models: one intra-op thread is as fast, and on a shared CPU it avoids OpenMP workers
+# waiting on descheduled siblings (measured here: 10-20x slower small ops with 2 threads under load).
+torch.set_num_threads(1)
+
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
     """A 2-layer Llama config, hidden 32, vocab 512 (the stories260K tokenizer fits it)."""

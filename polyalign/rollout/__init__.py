@@ -1,0 +1,57 @@
+"""Rollout engines: turn prompts into sampled completions (a `Rollout`).
+
+An engine knows token ids and sampling, never rewards or losses. Backends are looked up by name in
+`ENGINES` and imported only when built, so `vllm` is needed only by those who ask for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol, runtime_checkable
+
+from polyalign.types import Rollout, Sampling
+
+ENGINES: dict[str, str] = {
+    "hf": "polyalign.rollout.hf:HFEngine",
+    "vllm": "polyalign.rollout.vllm:VLLMEngine",
+}
+
+# Which pip extra provides the third-party package each backend needs.
+_EXTRAS: dict[str, str] = {"vllm": "vllm"}
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What trainers need from a generation backend."""
+
+    def generate(self, prompts: list[str], n: int, sampling: Sampling, extras: dict | None = None) -> Rollout:
+        """Sample n completions per prompt; rows are group-major (prompt i at rows i*n .. i*n+n-1).
+
+        `extras` maps column names to per-prompt lists (length P); the Rollout repeats each n times.
+        """
+        ...
+
+    def load_weights(self, model: Any) -> None:
+        """Sync the engine's weights with `model` after an optimizer step."""
+        ...
+
+
+def build_engine(name: str, model: Any, tokenizer: Any) -> Engine:
+    """Build the engine registered under `name` (see ENGINES) for this model and tokenizer."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown rollout engine {name!r}; choose one of {sorted(ENGINES)}")
+    module_name, class_name = ENGINES[name].split(":")
+    extra = _EXTRAS.get(name)
+    hint = f" (pip install 'polyalign[{extra}]')" if extra else ""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        missing = err.name or ""
+        if extra and (missing == extra or missing.startswith(extra + ".")):
+            raise ImportError(f"rollout engine {name!r} needs the {extra!r} package{hint}") from err
+        if missing == module_name:
+            raise ImportError(
+                f"rollout engine {name!r} is not available: {module_name} is missing{hint}"
+            ) from err
+        raise
+    return getattr(module, class_name)(model, tokenizer)
