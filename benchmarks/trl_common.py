@@ -6,6 +6,7 @@ reference copy. Imports TRL and transformers, so the polyalign side never import
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,25 @@ class StepTimerCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.timer.end_step()
+
+
+class TorchProfileCallback(TrainerCallback):
+    """Runs `torch.profiler` over one optimizer step and prints the top operators by self CPU time to stderr."""
+
+    def __init__(self, step: int, rows: int = 20) -> None:
+        self.step, self.rows, self._profiler = step, rows, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            table = self._profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.rows)
+            print(f"torch.profiler, optimizer step {self.step}:\n{table}", file=sys.stderr)
+            self._profiler = None
 
 
 def common_args(output_dir: str, steps: int) -> dict:

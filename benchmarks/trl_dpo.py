@@ -41,13 +41,16 @@ def time_forwards(module, name: str, timer: common.PhaseTimer) -> None:
     module.register_forward_hook(post_hook, with_kwargs=True)
 
 
-def run(size: str, steps: int, threads: int) -> dict:
+def run(size: str, steps: int, threads: int, profile_step: int | None = None) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
-    from trl_common import StepTimerCallback, common_args, save_model, setup_threads
+    from trl_common import StepTimerCallback, TorchProfileCallback, common_args, save_model, setup_threads
 
     setup_threads(threads)
     timer = common.PhaseTimer()
+    callbacks = [StepTimerCallback(timer)]
+    if profile_step is not None:
+        callbacks.append(TorchProfileCallback(profile_step))
     pairs = wl.dpo_pairs(wl.PAIRS_PER_STEP * steps)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(size, f"{tmp}/model")
@@ -64,7 +67,7 @@ def run(size: str, steps: int, threads: int) -> dict:
             args=config,
             train_dataset=Dataset.from_list(pairs),
             processing_class=wl.build_tokenizer(),
-            callbacks=[StepTimerCallback(timer)],
+            callbacks=callbacks,
         )
         time_forwards(trainer.model, "policy_forward", timer)
         time_forwards(trainer.ref_model, "ref_forward", timer)
@@ -90,10 +93,13 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(wl.MODEL_SIZES), default="tiny")
     parser.add_argument("--steps", type=int, default=wl.STEPS)
     parser.add_argument("--threads", type=int, default=wl.NUM_THREADS)
+    parser.add_argument(
+        "--torch-profile", type=int, metavar="STEP", help="profile this step (0-based) to stderr"
+    )
     args = parser.parse_args()
     if args.steps <= wl.WARMUP_STEPS:
         parser.error(f"--steps must exceed the {wl.WARMUP_STEPS} warm-up steps")
-    common.emit(run(args.size, args.steps, args.threads))
+    common.emit(run(args.size, args.steps, args.threads, args.torch_profile))
 
 
 if __name__ == "__main__":
