@@ -1,0 +1,286 @@
+"""Chat backends for LLM judges, and `ChatClient`: the robust way every judge request is made.
+
+A backend turns one chat request (a list of {"role", "content"} messages plus sampling params) into the
+reply text. Two ship here:
+- `OpenAIChatBackend`: any OpenAI-compatible `/v1/chat/completions` endpoint through the `openai` client
+  (`base_url`, `model`, the API key read from a NAMED environment variable; the key is never logged or
+  written anywhere, not even into the cache key);
+- `HFChatBackend`: a local Hugging Face causal LM through `HFEngine`, greedy, one request at a time.
+
+`ChatClient(backend, cache=...)` adds, for every request:
+- bounded concurrency: a thread pool of `max_workers`;
+- retries with exponential backoff, `backoff_s * 2**attempt` capped at `max_backoff_s` (plus up to 10%
+  jitter), on rate limits (HTTP 429), server errors (5xx), timeouts and connection errors (a backend
+  raises `TransientError` for those); every retry is logged on the `polyalign.eval` logger. Other HTTP errors
+  (400, 401, 404) fail at once: retrying cannot fix them;
+- an on-disk JSONL cache keyed by the SHA-256 of the full request (backend, model, base_url, messages,
+  params). Each answered request is appended (flushed and fsynced) as soon as it arrives, so a rerun, or a
+  run resumed after a crash or an outage, re-asks nothing it already has. Failed requests are not cached.
+  Replies are cached raw, before parsing, so a changed verdict parser re-parses without new requests.
+When a request still fails after `max_retries` retries, the client stops starting new requests, lets the
+running ones finish (they are cached) and raises `JudgeRequestError`, saying how many were answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("polyalign.eval")
+
+Messages = list[dict[str, str]]
+
+
+class TransientError(RuntimeError):
+    """A failure worth retrying: rate limit (429), server error (5xx), timeout, connection error."""
+
+
+class JudgeRequestError(RuntimeError):
+    """A judge request that failed for good (a permanent error, or retries exhausted)."""
+
+
+class ChatBackend(Protocol):
+    """What `ChatClient` needs from a backend."""
+
+    def identity(self) -> dict[str, str]:
+        """What makes two backends answer differently (name, model, base_url); part of the cache key."""
+        ...
+
+    def chat(self, messages: Messages, params: dict[str, Any]) -> str:
+        """The reply text; raises TransientError for retryable failures, anything else for permanent ones."""
+        ...
+
+    def describe(self) -> str: ...
+
+
+def request_key(identity: dict[str, str], messages: Messages, params: dict[str, Any]) -> str:
+    """SHA-256 hex of the canonical JSON of the full request."""
+    blob = json.dumps({"backend": identity, "messages": messages, "params": params}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class JsonlCache:
+    """Append-only JSONL of {"key", "response"} lines; a torn last line (a crash mid-write) is ignored."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._data: dict[str, str] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                    self._data[record["key"]] = record["response"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+            if not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size > 0:
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write("\n")  # close a torn last line so the next record parses
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: str) -> str | None:
+        return self._data.get(key)
+
+    def put(self, key: str, response: str) -> None:
+        line = json.dumps({"key": key, "response": response}, ensure_ascii=False) + "\n"
+        with self._lock:
+            self._data[key] = response
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+
+
+class ChatClient:
+    """Robust, cached, concurrent chat requests over one backend (see the module docstring)."""
+
+    def __init__(
+        self,
+        backend: ChatBackend,
+        cache: str | os.PathLike | None = None,
+        max_workers: int = 4,
+        max_retries: int = 4,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if max_workers < 1 or max_retries < 0 or backoff_s < 0:
+            raise ValueError("ChatClient: need max_workers >= 1, max_retries >= 0, backoff_s >= 0")
+        self.backend = backend
+        self.cache = JsonlCache(cache) if cache is not None else None
+        self.max_workers, self.max_retries = max_workers, max_retries
+        self.backoff_s, self.max_backoff_s, self._sleep = backoff_s, max_backoff_s, sleep
+        self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "failures": 0}
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        cache = f"cache {self.cache.path}" if self.cache else "no cache"
+        return f"{self.backend.describe()}; {self.max_workers} workers, {self.max_retries} retries, {cache}"
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.stats[name] += 1
+
+    def _call(self, messages: Messages, params: dict[str, Any], stop: threading.Event) -> str | None:
+        """One request with cache and retries; None when skipped because another request failed for good."""
+        key = request_key(self.backend.identity(), messages, params)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            self._count("cache_hits")
+            return hit
+        for attempt in range(self.max_retries + 1):
+            if stop.is_set():
+                return None
+            self._count("requests")
+            try:
+                reply = self.backend.chat(messages, params)
+            except TransientError as err:
+                if attempt == self.max_retries:
+                    self._count("failures")
+                    raise JudgeRequestError(f"{err} (gave up after {attempt + 1} attempts)") from err
+                delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+                delay += random.uniform(0, 0.1 * delay)
+                self._count("retries")
+                log.warning(
+                    "judge request failed (%s); retry %d/%d in %.2fs",
+                    err,
+                    attempt + 1,
+                    self.max_retries,
+                    delay,
+                )
+                self._sleep(delay)
+                continue
+            except JudgeRequestError:
+                self._count("failures")
+                raise
+            if self.cache is not None:
+                self.cache.put(key, reply)
+            return reply
+        raise AssertionError("unreachable")
+
+    def complete_many(self, requests: list[Messages], params: dict[str, Any]) -> list[str]:
+        """Reply texts in request order; raises JudgeRequestError after the pool drains if any failed."""
+        stop = threading.Event()
+
+        def run(messages: Messages) -> str | None:
+            try:
+                return self._call(messages, params, stop)
+            except BaseException:
+                stop.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
+            futures = [pool.submit(run, m) for m in requests]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            done = sum(1 for f in futures if f.exception() is None and f.result() is not None)
+            kept = f"; answered requests are kept in {self.cache.path}" if self.cache else ""
+            raise JudgeRequestError(
+                f"judge backend {self.backend.describe()}: {done} of {len(requests)} requests answered, "
+                f"then a request failed: {errors[0]}{kept}"
+            ) from errors[0]
+        return [f.result() for f in futures]
+
+
+class OpenAIChatBackend:
+    """Any OpenAI-compatible chat endpoint via the `openai` client (its own retries are off: ChatClient's
+    are the only ones, so they are counted and logged)."""
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout_s: float = 60.0,
+    ) -> None:
+        try:
+            import openai
+        except ModuleNotFoundError as err:
+            raise ImportError("the OpenAI-compatible judge needs `pip install 'polyalign[judges]'`") from err
+        if not model:
+            raise ValueError("OpenAIChatBackend: give the judge model name")
+        key = os.environ.get(api_key_env)
+        if not key:
+            if base_url is None:
+                raise ValueError(
+                    f"OpenAI judge: environment variable {api_key_env} is not set (it must hold the API key); "
+                    "for a local endpoint that needs no key, set base_url"
+                )
+            key = "none"  # local OpenAI-compatible servers (polyalign serve) accept any key
+        self.model, self.base_url, self.api_key_env, self.timeout_s = model, base_url, api_key_env, timeout_s
+        self._openai = openai
+        self._client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout_s, max_retries=0)
+
+    def identity(self) -> dict[str, str]:
+        return {"backend": "openai", "model": self.model, "base_url": self.base_url or "default"}
+
+    def describe(self) -> str:
+        where = self.base_url or "the OpenAI API"
+        return f"OpenAI-compatible chat model {self.model!r} at {where} (key from ${self.api_key_env})"
+
+    def chat(self, messages: Messages, params: dict[str, Any]) -> str:
+        oa = self._openai
+        try:
+            response = self._client.chat.completions.create(model=self.model, messages=messages, **params)
+        except oa.RateLimitError as err:
+            raise TransientError("HTTP 429 rate limited") from err
+        except oa.InternalServerError as err:
+            raise TransientError(f"HTTP {err.status_code} server error") from err
+        except oa.APITimeoutError as err:
+            raise TransientError(f"timed out after {self.timeout_s}s") from err
+        except oa.APIConnectionError as err:
+            raise TransientError(f"connection error ({err.__cause__ or err})") from err
+        except oa.APIStatusError as err:
+            raise JudgeRequestError(f"HTTP {err.status_code}: {err.message}") from err
+        try:
+            content = response.choices[0].message.content
+        except (AttributeError, IndexError, TypeError) as err:
+            raise TransientError(f"malformed response body: {str(response)[:200]!r}") from err
+        return content or ""
+
+
+class HFChatBackend:
+    """A local causal LM as a chat judge: messages rendered by `polyalign.data.chat.render_prompt` (the
+    tokenizer's chat template if it has one, else the plain HH layout), then greedy decoding by HFEngine."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "local") -> None:
+        from polyalign.rollout.hf import HFEngine
+
+        self.engine, self.tokenizer, self.name = HFEngine(model, tokenizer), tokenizer, name
+        self._lock = threading.Lock()  # one generation at a time: the model is shared
+
+    @classmethod
+    def load(cls, name_or_path: str, device: str = "cpu") -> HFChatBackend:
+        from polyalign.models import load_policy
+
+        model, tokenizer = load_policy(name_or_path, device=device)
+        return cls(model.eval(), tokenizer, name=name_or_path)
+
+    def identity(self) -> dict[str, str]:
+        return {"backend": "hf", "model": self.name}
+
+    def describe(self) -> str:
+        return f"local Hugging Face model {self.name!r} (greedy)"
+
+    def chat(self, messages: Messages, params: dict[str, Any]) -> str:
+        from polyalign.data.chat import render_prompt
+        from polyalign.types import Sampling
+
+        text = render_prompt(self.tokenizer, messages)
+        sampling = Sampling(max_new_tokens=int(params.get("max_tokens", 16)), temperature=0.0)
+        try:
+            with self._lock:
+                return self.engine.generate([text], 1, sampling).completions[0]
+        except ValueError as err:  # e.g. the judge prompt does not fit the model's context
+            raise JudgeRequestError(f"local judge {self.name!r}: {err}") from err

@@ -1,0 +1,223 @@
+"""Evaluation prompt sets, as `EvalPrompt`s, and MGSM exact-match scoring.
+
+- XSafety (shipped, Apache-2.0): 10 languages x 13 unsafe categories + the benign `commonsense` set, 200
+  prompts each. The upstream folder `sp` is Spanish and is returned as "es"; category names are normalised
+  (`_n` / `_en` suffixes and the `ru` misspelling removed). XSafety has no global/local labels.
+- MGSM (shipped, CC BY 4.0): 250 grade-school math problems x 11 languages, integer answers.
+- Any JSONL / JSON / CSV / Parquet file in the Aya red-teaming layout: `prompt`, `language` (a BCP-47 code
+  or an English language name such as "Hindi"), optionally `harm_category`, `global_or_local`
+  ("global" | "local") and `answer` (an integer, for exact match). Every bad row is an error naming the
+  file, the line or row, and the field.
+
+`per_group` keeps the first N prompts of each (language, category) group in file order (0 = all), so a
+subset is the same on every run.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from polyalign.data.io import DataError, field_error, get_field, read_table, text_field
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+XSAFETY_CATEGORIES = (
+    "Crimes_And_Illegal_Activities", "Ethics_And_Morality", "Goal_Hijacking", "Inquiry_With_Unsafe_Opinion",
+    "Insult", "Mental_Health", "Physical_Harm", "Privacy_And_Property", "Prompt_Leaking", "Reverse_Exposure",
+    "Role_Play_Instruction", "Unfairness_And_Discrimination", "Unsafe_Instruction_Topic",
+)  # fmt: skip
+BENIGN_CATEGORY = "commonsense"
+XSAFETY_LANGUAGES = ("ar", "bn", "de", "en", "es", "fr", "hi", "ja", "ru", "zh")
+MGSM_LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
+
+_ISO_639_1 = set(
+    "aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de dv dz "
+    "ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id ie ig ii ik "
+    "io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb lg li ln lo lt lu lv mg mh mi mk ml "
+    "mn mr ms mt my na nb nd ne ng nl nn no nr nv ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd "
+    "se sg si sk sl sm sn so sq sr ss st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi "
+    "vo wa wo xh yi yo za zh zu".split()
+)
+_ISO_639_3_EXTRA = {"fil", "ceb", "yue", "cmn", "arq", "kab", "haw", "hil", "ilo", "nso", "sco", "tet"}
+LANGUAGE_NAMES = {
+    "arabic": "ar", "bengali": "bn", "chinese": "zh", "czech": "cs", "dutch": "nl", "english": "en",
+    "filipino": "fil", "french": "fr", "german": "de", "greek": "el", "hebrew": "he", "hindi": "hi",
+    "indonesian": "id", "italian": "it", "japanese": "ja", "korean": "ko", "persian": "fa", "polish": "pl",
+    "portuguese": "pt", "romanian": "ro", "russian": "ru", "serbian": "sr", "spanish": "es", "swahili": "sw",
+    "tagalog": "fil", "telugu": "te", "thai": "th", "turkish": "tr", "ukrainian": "uk", "vietnamese": "vi",
+}  # fmt: skip
+_LANG_TAG = re.compile(r"^([a-zA-Z]{2,3})(?:[-_][a-zA-Z0-9]{2,8})*$")
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    id: str  # stable: "<source>/<language>/<category>/<index>" or "<file>:<line>"
+    prompt: str
+    language: str  # BCP-47
+    harm_category: str | None = None
+    global_or_local: str | None = None  # "global" | "local" | None (not labelled)
+    answer: int | None = None  # MGSM / exact match
+
+
+def normalise_language(value: object, where: str = "language") -> str:
+    """A BCP-47 code ("pt-BR" stays "pt-BR") or an English name ("Hindi" -> "hi"); ValueError otherwise."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: expected a language code such as 'en', got {value!r}")
+    text = value.strip()
+    if text.lower() in LANGUAGE_NAMES:
+        return LANGUAGE_NAMES[text.lower()]
+    m = _LANG_TAG.match(text)
+    primary = m.group(1).lower() if m else ""
+    if primary not in _ISO_639_1 and primary not in _ISO_639_3_EXTRA:
+        raise ValueError(
+            f"{where}: unknown language code {value!r}; use a BCP-47 code (ISO 639-1 such as 'en', 'zh', "
+            f"'es') or an English name such as 'Hindi'"
+        )
+    return primary + text[len(primary) :].replace("_", "-")
+
+
+def _check_languages(requested: list[str] | None, available: tuple[str, ...], source: str) -> list[str]:
+    if not requested:
+        return list(available)
+    codes = [normalise_language(lang, f"{source} languages") for lang in requested]
+    missing = [c for c in codes if c not in available]
+    if missing:
+        raise ValueError(f"{source} has no prompts in {missing}; available: {list(available)}")
+    return codes
+
+
+def _xsafety_file(folder: Path, category: str) -> Path:
+    names = [f"{category}.csv", f"{category}_n.csv", f"{category}_en.csv"]
+    if category == "Crimes_And_Illegal_Activities":
+        names.append("Crimes_And_Illegal_Activitie.csv")  # upstream typo in ru/
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"XSafety: no file for category {category!r} in {folder}")
+
+
+def load_xsafety(
+    languages: list[str] | None = None,
+    categories: list[str] | None = None,
+    per_group: int = 0,
+    root: str | Path = ASSETS / "xsafety",
+) -> list[EvalPrompt]:
+    """XSafety prompts; categories default to the 13 unsafe ones (add "commonsense" for the benign set)."""
+    codes = _check_languages(languages, XSAFETY_LANGUAGES, "XSafety")
+    valid = (*XSAFETY_CATEGORIES, BENIGN_CATEGORY)
+    cats = list(categories) if categories else list(XSAFETY_CATEGORIES)
+    unknown = [c for c in cats if c not in valid]
+    if unknown:
+        raise ValueError(f"XSafety: unknown categories {unknown}; valid: {list(valid)}")
+    out = []
+    for lang in codes:
+        folder = Path(root) / ("sp" if lang == "es" else lang)
+        for cat in cats:
+            with _xsafety_file(folder, cat).open(encoding="utf-8-sig", newline="") as f:
+                rows = [r[0].strip() for r in csv.reader(f) if r and r[0].strip()]
+            rows = rows[:per_group] if per_group else rows
+            out += [EvalPrompt(f"xsafety/{lang}/{cat}/{i}", p, lang, cat) for i, p in enumerate(rows)]
+    return out
+
+
+def load_mgsm(
+    languages: list[str] | None = None, per_group: int = 0, root: str | Path = ASSETS / "mgsm"
+) -> list[EvalPrompt]:
+    """MGSM problems with integer answers ("2,125" -> 2125)."""
+    out = []
+    for lang in _check_languages(languages, MGSM_LANGUAGES, "MGSM"):
+        lines = (Path(root) / f"mgsm_{lang}.tsv").read_text(encoding="utf-8").splitlines()
+        lines = lines[:per_group] if per_group else lines
+        for i, line in enumerate(lines):
+            question, answer = line.rsplit("\t", 1)
+            out.append(
+                EvalPrompt(f"mgsm/{lang}/{i}", question.strip(), lang, answer=int(answer.replace(",", "")))
+            )
+    return out
+
+
+def _optional_text(row: dict, key: str, where: str) -> str | None:
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise field_error(where, key, f"expected a string, got {type(value).__name__}", "bad_type")
+    return value.strip()
+
+
+def _file_prompt(row: dict, where: str, ident: str) -> EvalPrompt:
+    prompt = text_field(get_field(row, "prompt", where), where, "prompt")
+    try:
+        language = normalise_language(get_field(row, "language", where), f"{where}: field 'language'")
+    except ValueError as err:
+        raise DataError(str(err), "bad_language") from None
+    label = _optional_text(row, "global_or_local", where)
+    if label is not None and label.lower() not in ("global", "local"):
+        raise field_error(
+            where, "global_or_local", f"expected 'global' or 'local', got {label!r}", "bad_label"
+        )
+    answer = row.get("answer")
+    if answer is not None and answer != "":
+        try:
+            answer = int(str(answer).replace(",", "").strip())
+        except ValueError:
+            raise field_error(where, "answer", f"expected an integer, got {answer!r}", "bad_answer") from None
+    else:
+        answer = None
+    category = _optional_text(row, "harm_category", where)
+    return EvalPrompt(ident, prompt, language, category, label.lower() if label else None, answer)
+
+
+def load_prompt_file(
+    path: str | Path, languages: list[str] | None = None, per_group: int = 0
+) -> list[EvalPrompt]:
+    """Prompts from a file in the Aya red-teaming layout (module docstring); `languages` filters."""
+    table = read_table(path)
+    if not table.rows:
+        raise DataError(f"{path}: no rows", "empty")
+    wanted = {normalise_language(lang, f"{path} languages") for lang in languages or []}
+    prompts = [
+        _file_prompt(row, f"{path}: {loc}", f"{Path(path).name}:{loc.split()[-1]}")
+        for row, loc in zip(table.rows, table.locations)
+    ]
+    if wanted:
+        missing = wanted - {p.language for p in prompts}
+        if missing:
+            raise ValueError(f"{path}: no prompts in languages {sorted(missing)}")
+        prompts = [p for p in prompts if p.language in wanted]
+    return first_per_group(prompts, per_group)
+
+
+def first_per_group(prompts: list[EvalPrompt], per_group: int) -> list[EvalPrompt]:
+    """The first `per_group` prompts of each (language, harm_category) group, in order; 0 = all."""
+    if per_group <= 0:
+        return prompts
+    seen: dict[tuple, int] = {}
+    out = []
+    for p in prompts:
+        key = (p.language, p.harm_category)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= per_group:
+            out.append(p)
+    return out
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_final_integer(text: str) -> int | None:
+    """The last number in `text` as an int ("... so the answer is 1,250." -> 1250; "18.0" -> 18); None when
+    there is no number or the last one is not a whole number. Unicode digits (Bengali, Devanagari, Thai, full
+    width) are read as digits, since MGSM completions may use them."""
+    matches = _NUMBER.findall(text)
+    if not matches:
+        return None
+    value = float(matches[-1].replace(",", "").rstrip("."))
+    return int(value) if value.is_integer() else None
+
+
+def exact_match(completion: str, answer: int) -> bool:
+    """MGSM scoring: the completion's final integer equals the answer."""
+    return extract_final_integer(completion) == answer
