@@ -22,7 +22,7 @@ from torch import nn
 HEAD_CHUNK_ROWS = 8
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_peft(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (LoRA layers stay injected), else the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -107,7 +107,7 @@ def completion_logprobs_and_entropy(
     `last_hidden_state` and whose `get_output_embeddings()` is the LM head (all HF decoder models).
     """
     _check_temperature(temperature)
-    model = _unwrap(model)
+    model = unwrap_peft(model)
     batch, num_tokens = completion_ids.shape
     if num_tokens == 0:
         empty = completion_ids.new_zeros((batch, 0), dtype=torch.float32)
@@ -169,7 +169,7 @@ def value_forward(
     classes give token-level values; values[:, t] is read at the same position whose logits give the
     log-prob of completion token t, which is what GAE pairs with reward t.
     """
-    model = _unwrap(value_model)
+    model = unwrap_peft(value_model)
     head = getattr(model, "score", None)
     if head is None:
         raise ValueError(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from polyalign.logprobs import completion_logprobs
+from polyalign.models import load_policy
 from polyalign.rollout import ENGINES, Engine, build_engine
 from polyalign.rollout.hf import HFEngine, filter_top_k_top_p, sample_tokens
 from polyalign.types import Sampling
@@ -47,6 +48,14 @@ def test_sampled_logprobs_equal_recomputed(stories, engine, temperature, top_k):
         )
     torch.testing.assert_close(r.logprobs, recomputed, atol=1e-4, rtol=0)
     assert_valid_layout(r, engine.pad_id)
+
+
+def test_add_special_tokens_controls_bos(stories):
+    with_bos = HFEngine(*stories).generate(["Once upon a time"], n=1, sampling=greedy(3))
+    without = HFEngine(*stories, add_special_tokens=False).generate(
+        ["Once upon a time"], n=1, sampling=greedy(3)
+    )
+    assert with_bos.prompt_ids[0].tolist() == [1] + without.prompt_ids[0].tolist()
 
 
 def test_seed_reproducible_and_distinct(engine):
@@ -173,6 +182,13 @@ def test_filter_top_k_top_p_hand_example():
     assert torch.isinf(filter_top_k_top_p(logits, top_k=1, top_p=1.0)).tolist() == [[True, False, True]]
     assert torch.isinf(filter_top_k_top_p(logits, top_k=0, top_p=0.8)).tolist() == [[True, False, False]]
     assert torch.equal(filter_top_k_top_p(logits, top_k=0, top_p=1.0), logits)
+
+
+def test_gradient_checkpointed_policy_generates_the_same(engine):
+    policy, tokenizer = load_policy("stories260K", gradient_checkpointing=True)
+    r = HFEngine(policy, tokenizer).generate(PROMPTS, n=2, sampling=greedy(12))
+    assert torch.equal(r.completion_ids, engine.generate(PROMPTS, n=2, sampling=greedy(12)).completion_ids)
+    assert policy.training
 
 
 def test_train_mode_restored(tiny_llama, stories):
