@@ -75,3 +75,12 @@ def test_bad_dtype_and_empty_name():
         models.load_policy("stories260K", dtype="fp8")
     with pytest.raises(ValueError, match="non-empty"):
         models.resolve_model_path("")
+
+
+@pytest.mark.skipif(
+    not models.BUILTIN["stories260K-sentiment-rm"].is_dir(), reason="reward model not shipped"
+)
+def test_builtin_sentiment_reward_model_loads():
+    model, tokenizer = models.load_reward_model("stories260K-sentiment-rm")
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
+    assert not model.training and tokenizer.pad_token_id == 0
