@@ -1,0 +1,368 @@
+"""`polyalign eval CONFIG.yaml [--section.key=value ...]`: evaluate a model (or a file of its completions) on
+a prompt set with a judge, and write a report.
+
+    polyalign eval configs/eval/xsafety-lexicon.yaml --model.model=stories260K --out_dir=runs/eval
+
+Phases of `run_eval(cfg)`, in order:
+1. prompts: shipped XSafety / MGSM, or a file in the Aya red-teaming layout (`prompts.py`);
+2. completions for the model and the optional baseline: generated with HFEngine (greedy by default) or read
+   from a JSONL/JSON/CSV file with `prompt` and `completion` columns (matched to the prompt set by prompt
+   text). Prompts longer than a model's context are skipped and counted (`generation.too_long: skip`) or an
+   error (`error`); a prompt skipped for one side is dropped for both;
+3. judging, per metric in `metrics`: `harm` (a pointwise harm judge on every completion), `win_rate` (the
+   pairwise judge, model = A vs baseline = B, in both orders), `exact_match` (the final integer vs the
+   prompt's answer; no judge). Judgements are appended to `judgements.jsonl` after every chunk, and LLM
+   requests land in the judge cache as they are answered, so a failed run keeps what it did;
+4. metrics (`metrics.py`) into `summary.json`; `report.md` + `report.html` with plots (`report.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from polyalign.config import ConfigError, dump_yaml, load_config
+from polyalign.data.io import DataError, JsonlWriter, get_field, read_table
+from polyalign.eval import metrics
+from polyalign.eval.config import EvalRunConfig, GenerationConfig, JudgeConfig, SideConfig, _check
+from polyalign.eval.prompts import (
+    EvalPrompt,
+    exact_match,
+    extract_final_integer,
+    load_mgsm,
+    load_prompt_file,
+    load_xsafety,
+)
+from polyalign.eval.report import atomic_write_text, write_report
+
+
+def load_prompts(cfg: EvalRunConfig) -> tuple[list[EvalPrompt], str]:
+    """The prompt set and a one-line description of it."""
+    p = cfg.prompts
+    langs = p.languages or None
+    if p.source == "xsafety":
+        cats = p.categories or None
+        return load_xsafety(langs, cats, p.per_group), f"XSafety {p.languages or 'all languages'}, " \
+               f"{p.categories or 'the 13 unsafe categories'}, first {p.per_group or 'all'} per group"  # fmt: skip
+    _check(not p.categories, "prompts.categories applies to xsafety only")
+    if p.source == "mgsm":
+        return load_mgsm(
+            langs, p.per_group
+        ), f"MGSM {p.languages or 'all languages'}, first {p.per_group or 'all'}"
+    source = p.source or cfg.model.completions
+    return load_prompt_file(source, langs, p.per_group), f"file {source}"
+
+
+def read_completions(path: str, prompts: list[EvalPrompt]) -> dict[str, str]:
+    """{prompt id: completion} from a file with `prompt` and `completion` columns, matched by prompt text."""
+    table = read_table(path)
+    by_text: dict[str, str] = {}
+    for row, loc in zip(table.rows, table.locations):
+        where = f"{path}: {loc}"
+        prompt, completion = get_field(row, "prompt", where), get_field(row, "completion", where)
+        if not isinstance(completion, str):
+            raise DataError(
+                f"{where}: field 'completion': expected a string, got {type(completion).__name__}"
+            )
+        if by_text.get(prompt, completion) != completion:
+            raise DataError(f"{where}: field 'prompt': a second, different completion for the same prompt")
+        by_text[prompt] = completion
+    missing = [p for p in prompts if p.prompt not in by_text]
+    if missing:
+        raise DataError(
+            f"{path}: no completion for {len(missing)} prompt(s), e.g. {missing[0].id}: {missing[0].prompt[:80]!r}"
+        )
+    return {p.id: by_text[p.prompt] for p in prompts}
+
+
+def generate(
+    model_name: str, prompts: list[EvalPrompt], g: GenerationConfig, seed: int
+) -> tuple[dict, list[str]]:
+    """({prompt id: completion}, ids skipped as too long) with HFEngine."""
+    from polyalign.data.chat import render_prompt
+    from polyalign.models import load_policy
+    from polyalign.rollout.hf import HFEngine
+    from polyalign.types import Sampling
+
+    model, tokenizer = load_policy(model_name, device=g.device)
+    engine, limit = HFEngine(model.eval(), tokenizer), model.config.get_text_config().max_position_embeddings
+    use_template = g.chat_template if g.chat_template is not None else tokenizer.chat_template is not None
+    texts = {p.id: render_prompt(tokenizer, [{"role": "user", "content": p.prompt}] if use_template else p.prompt,
+                                 use_template) for p in prompts}  # fmt: skip
+    skipped = [i for i, t in texts.items() if len(tokenizer(t)["input_ids"]) > limit - g.max_new_tokens]
+    if skipped and g.too_long == "error":
+        raise ValueError(f"{len(skipped)} prompt(s) do not fit {model_name}'s context of {limit} tokens with "
+                         f"max_new_tokens={g.max_new_tokens}, e.g. {skipped[0]}; set generation.too_long: skip")  # fmt: skip
+    ids = [p.id for p in prompts if p.id not in set(skipped)]
+    out: dict[str, str] = {}
+    for b, start in enumerate(range(0, len(ids), g.batch_size)):
+        batch = ids[start : start + g.batch_size]
+        sampling = Sampling(
+            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=seed + b
+        )
+        out.update(zip(batch, engine.generate([texts[i] for i in batch], 1, sampling).completions))
+    return out, skipped
+
+
+@dataclass
+class Judges:
+    harm: Any = None  # a PointwiseJudge of kind "harm"
+    pairwise: Any = None  # a PairwiseJudge
+    client: Any = None  # the ChatClient of LLM judges (for call stats)
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = {j.describe() for j in (self.harm, self.pairwise) if j is not None}
+        return " | ".join(sorted(parts)) or "none (exact match only)"
+
+
+def build_judges(j: JudgeConfig, out_dir: Path, needs: set[str]) -> Judges:
+    """The judges that the requested metrics need, from the judge config."""
+    from polyalign.eval import judges as J
+
+    if not needs & {"harm", "win_rate"}:
+        return Judges()
+    if j.kind == "lexicon":
+        from polyalign.eval.lexicon import LexiconHarmJudge
+
+        return Judges(harm=LexiconHarmJudge())
+    if j.kind == "reward_model":
+        from polyalign.rewards.model import RewardModelScorer
+
+        return Judges(pairwise=J.RewardModelJudge(RewardModelScorer(j.model), j.model, j.tie_margin))
+    from polyalign.eval.backends import ChatClient, HFChatBackend, OpenAIChatBackend
+
+    if j.kind == "openai":
+        backend = OpenAIChatBackend(j.model, j.base_url, j.api_key_env, j.timeout_s)
+    else:
+        backend = HFChatBackend.load(j.model)
+    cache = (
+        None if j.cache is None else (out_dir / j.cache if not Path(j.cache).is_absolute() else Path(j.cache))
+    )
+    client = ChatClient(backend, cache, j.max_workers, j.max_retries, j.backoff_s)
+    harm = J.LLMPointwiseJudge(client, "harm", j.harm_template, j.system, max_tokens=j.max_tokens)
+    pair = J.LLMPairwiseJudge(
+        client, j.pairwise_template or J.PAIRWISE_TEMPLATE, j.system, max_tokens=j.max_tokens
+    )
+    return Judges(harm=harm, pairwise=pair, client=client)
+
+
+def _base_record(p: EvalPrompt) -> dict:
+    return {"id": p.id, "language": p.language, "harm_category": p.harm_category,
+            "global_or_local": p.global_or_local, "prompt": p.prompt}  # fmt: skip
+
+
+def _judged(j, extra: dict) -> dict:
+    return {
+        "verdict": j.verdict,
+        "score": j.score,
+        "status": j.status,
+        "raw": list(j.raw),
+        "detail": j.detail,
+        **extra,
+    }
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def judge_harm(
+    judge, prompts: list[EvalPrompt], completions: dict, side: str, writer: JsonlWriter, size: int
+) -> list[dict]:
+    records = []
+    for chunk in _chunks(prompts, size):
+        texts = [completions[p.id] for p in chunk]
+        verdicts = judge.judge([p.prompt for p in chunk], texts, [p.language for p in chunk])
+        batch = [
+            {"metric": "harm", "side": side, **_base_record(p), "completion": c,
+             **_judged(v, {"harmful": None if v.verdict is None else v.verdict == "yes"})}
+            for p, c, v in zip(chunk, texts, verdicts)
+        ]  # fmt: skip
+        writer.write(batch)
+        records += batch
+    return records
+
+
+def judge_pairs(
+    judge, prompts: list[EvalPrompt], model: dict, base: dict, writer: JsonlWriter, size: int
+) -> list[dict]:
+    outcome = {"A": "win", "B": "loss", "tie": "tie", None: None}
+    records = []
+    for chunk in _chunks(prompts, size):
+        a, b = [model[p.id] for p in chunk], [base[p.id] for p in chunk]
+        verdicts = judge.compare([p.prompt for p in chunk], a, b, [p.language for p in chunk])
+        batch = [
+            {"metric": "win_rate", **_base_record(p), "completion": ca, "baseline_completion": cb,
+             **_judged(v, {"outcome": outcome[v.verdict]})}
+            for p, ca, cb, v in zip(chunk, a, b, verdicts)
+        ]  # fmt: skip
+        writer.write(batch)
+        records += batch
+    return records
+
+
+def judge_exact(prompts: list[EvalPrompt], completions: dict, side: str, writer: JsonlWriter) -> list[dict]:
+    missing = [p.id for p in prompts if p.answer is None]
+    if missing:
+        raise ValueError(
+            f"metrics exact_match: prompt {missing[0]} has no answer (use mgsm or a file with 'answer')"
+        )
+    records = [
+        {"metric": "exact_match", "side": side, **_base_record(p), "completion": completions[p.id],
+         "answer": p.answer, "predicted": extract_final_integer(completions[p.id]),
+         "correct": exact_match(completions[p.id], p.answer)}
+        for p in prompts
+    ]  # fmt: skip
+    writer.write(records)
+    return records
+
+
+def _estimates(records: list[dict], value: str, kw: dict) -> dict:
+    """overall + by_language / by_label / by_category estimates of a boolean field, absent where unmeasured."""
+    est = lambda key: {g: e.as_dict() for g, e in metrics.harm_rates_by(
+        [{key: r[key], "harmful": r[value]} for r in records], key, **kw).items()}  # fmt: skip
+    overall = metrics.rate_estimate([r[value] for r in records], **kw)
+    return {"overall": overall.as_dict() if overall else None, "by_language": est("language"),
+            "by_label": est("global_or_local"), "by_category": est("harm_category")}  # fmt: skip
+
+
+def harm_summary(per_side: dict[str, list[dict]], kw: dict) -> dict:
+    sides = {}
+    for side, records in per_side.items():
+        not_covered: dict[str, int] = {}
+        for r in records:
+            if r["status"] == "not_covered":
+                not_covered[r["language"]] = not_covered.get(r["language"], 0) + 1
+        sides[side] = {**_estimates(records, "harmful", kw), "judged": sum(r["harmful"] is not None for r in records),
+                       "unparseable": sum(r["status"] == "unparseable" for r in records), "not_covered": not_covered}  # fmt: skip
+    out: dict = {"sides": sides}
+    if "baseline" in sides:
+        values = lambda s, key: {g: e["value"] for g, e in s[key].items()}
+        m, b = sides["model"], sides["baseline"]
+        out["relative_reduction"] = {
+            key: metrics.relative_reduction(values(b, key), values(m, key))
+            for key in ("by_language", "by_label", "by_category")
+        }
+        if m["overall"] and b["overall"]:
+            out["relative_reduction"]["overall"] = metrics.relative_reduction(
+                {"all": b["overall"]["value"]}, {"all": m["overall"]["value"]})["all"]  # fmt: skip
+    return out
+
+
+def win_summary(records: list[dict], tie_policy: str, kw: dict) -> dict:
+    by_language = metrics.win_rates_by(records, "language", tie_policy=tie_policy, **kw)
+    overall = metrics.win_rate_estimate([r["outcome"] for r in records], tie_policy, **kw)
+    return {
+        "tie_policy": tie_policy,
+        "overall": overall.as_dict() if overall else None,
+        "by_language": {g: e.as_dict() for g, e in by_language.items()},
+        "macro_mean": metrics.macro_mean({g: e.value for g, e in by_language.items()}),
+        "unparseable": sum(r["status"] == "unparseable" for r in records),
+        "disagreements": sum(r["detail"].startswith("orders disagree") for r in records),
+    }
+
+
+def side_label(side: SideConfig) -> str:
+    return side.label or side.model or Path(side.completions or "").name
+
+
+def collect_completions(cfg: EvalRunConfig, prompts: list[EvalPrompt]) -> tuple[dict, list[EvalPrompt], int]:
+    """({side: {id: completion}}, prompts kept on every side, number skipped as too long)."""
+    sides = {"model": cfg.model}
+    if cfg.baseline.model is not None or cfg.baseline.completions is not None:
+        sides["baseline"] = cfg.baseline
+    completions, skipped = {}, set()
+    for name, side in sides.items():
+        if side.completions is not None:
+            completions[name] = read_completions(side.completions, prompts)
+        else:
+            g = cfg.generation
+            g = g if side.temperature is None else dataclasses.replace(g, temperature=side.temperature)
+            completions[name], too_long = generate(side.model, prompts, g, cfg.seed)
+            skipped |= set(too_long)
+    kept = [p for p in prompts if p.id not in skipped]
+    if not kept:
+        raise ValueError("no prompt left to evaluate: every prompt was longer than the model's context")
+    return completions, kept, len(skipped)
+
+
+def judge_notes(judges: Judges, prompts: list[EvalPrompt]) -> list[str]:
+    """What the reader must know about the judge for these prompts (lexicon coverage)."""
+    from polyalign.eval.lexicon import LexiconHarmJudge
+
+    if not isinstance(judges.harm, LexiconHarmJudge):
+        return []
+    langs = sorted({p.language for p in prompts})
+    covered = [lang for lang in langs if judges.harm.covers(lang)]
+    missing = [lang for lang in langs if lang not in covered]
+    return [
+        f"the lexicon judge is a crude proxy (a listed offensive word = harmful): it misses harm in clean words "
+        f"and flags innocent uses. It covers {covered or 'none'} of the evaluated languages"
+        + (f"; not covered: {missing} (no harm rate is reported for them)" if missing else "")
+        + "."
+    ]
+
+
+def run_eval(cfg: EvalRunConfig) -> dict:
+    """Run an evaluation (module docstring); returns the summary written to out_dir/summary.json."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    prompts, description = load_prompts(cfg)
+    completions, prompts, skipped = collect_completions(cfg, prompts)
+    JsonlWriter(out / "completions.jsonl", append=False).write(
+        [
+            {"side": s, **_base_record(p), "completion": c[p.id]}
+            for s, c in completions.items()
+            for p in prompts
+        ]
+    )
+    judges = build_judges(cfg.judge, out, set(cfg.metrics))
+    kw = {"n_resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": cfg.seed}
+    summary: dict = {
+        "model": side_label(cfg.model), "baseline": side_label(cfg.baseline) if "baseline" in completions else None,
+        "prompt_set": description, "judge": judges.describe(), "judge_notes": judge_notes(judges, prompts),
+        "counts": {"prompts": len(prompts), "skipped_too_long": skipped},
+        "bootstrap": {"resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": cfg.seed},
+    }  # fmt: skip
+    with JsonlWriter(out / "judgements.jsonl", append=False) as writer:
+        if "exact_match" in cfg.metrics:
+            per_side = {s: judge_exact(prompts, c, s, writer) for s, c in completions.items()}
+            summary["exact_match"] = {s: _estimates(r, "correct", kw) for s, r in per_side.items()}
+        if "harm" in cfg.metrics:
+            per_side = {
+                s: judge_harm(judges.harm, prompts, c, s, writer, cfg.chunk_size)
+                for s, c in completions.items()
+            }
+            summary["harm"] = harm_summary(per_side, kw)
+        if "win_rate" in cfg.metrics:
+            records = judge_pairs(judges.pairwise, prompts, completions["model"], completions["baseline"], writer,
+                                  cfg.chunk_size)  # fmt: skip
+            summary["win_rate"] = win_summary(records, cfg.tie_policy, kw)
+    if judges.client is not None:
+        summary["judge_calls"] = dict(judges.client.stats)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    summary["report"] = {k: str(v) for k, v in write_report(summary, out).items()}
+    return summary
+
+
+def cli_eval(config_path: str | None, overrides: list[str] = ()) -> int:
+    """`polyalign eval CONFIG [--a.b=c ...]`: run and print where the report is; bad config -> SystemExit."""
+    try:
+        cfg = load_config(config_path, list(overrides), cls=EvalRunConfig)
+    except ConfigError as err:
+        raise SystemExit(f"polyalign eval: {err}") from None
+    summary = run_eval(cfg)
+    harm = summary.get("harm", {}).get("sides", {}).get("model", {}).get("overall")
+    win = summary.get("win_rate", {}).get("overall")
+    parts = [
+        f"harm rate {100 * harm['value']:.1f}%" if harm else "",
+        f"win-rate {100 * win['value']:.1f}%" if win else "",
+    ]
+    print(f"polyalign eval: {', '.join(p for p in parts if p) or 'done'}; report: {summary['report']['md']}")
+    return 0
