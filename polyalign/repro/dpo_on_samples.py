@@ -55,5 +55,5 @@ def train_dpo_on_samples(run: Run, beta: float = 0.1) -> list[dict]:
         loss, stats = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=beta)
         loss.backward()
         step_optimizer(run.policy.parameters(), run.optimizer, run.cfg.train.max_grad_norm)
-        history.append({"loss": float(loss), **{k: float(v) for k, v in stats.items()}})
+        history.append({"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}})
     return history
