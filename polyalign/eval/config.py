@@ -134,5 +134,7 @@ def validate(cfg: EvalRunConfig) -> None:
         cfg.prompts.source != "" or cfg.model.completions is not None,
         "prompts.source '' needs model.completions",
     )
-    _check(0 < cfg.confidence < 1 and cfg.bootstrap_resamples >= 1 and cfg.chunk_size >= 1,
-           "need 0 < confidence < 1, bootstrap_resamples >= 1, chunk_size >= 1")  # fmt: skip
+    _check(
+        0 < cfg.confidence < 1 and cfg.bootstrap_resamples >= 1 and cfg.chunk_size >= 1,
+        "need 0 < confidence < 1, bootstrap_resamples >= 1, chunk_size >= 1",
+    )

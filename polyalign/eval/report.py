@@ -87,14 +87,25 @@ def _harm_blocks(harm: dict, out_dir: Path) -> list[Block]:
     for name, s in sides.items():
         covered = ", ".join(f"{k}: {v}" for k, v in s["not_covered"].items()) or "none"
         blocks.append(
-            ("p", f"{name}: overall {_est(s.get('overall'))} over {s['judged']} judged completions; "
-                  f"unparseable verdicts: {s['unparseable']}; not covered by the judge: {covered}.")
-        )  # fmt: skip
+            (
+                "p",
+                f"{name}: overall {_est(s.get('overall'))} over {s['judged']} judged completions; "
+                f"unparseable verdicts: {s['unparseable']}; not covered by the judge: {covered}.",
+            )
+        )
     if reduction is not None and "overall" in reduction:
-        blocks.append(("p", f"Relative harm reduction (baseline - model) / baseline, overall: "
-                            f"{_fmt(reduction['overall'])}."))  # fmt: skip
-    for title, key in (("By language", "by_language"), ("By global / local label", "by_label"),
-                       ("By harm category", "by_category")):  # fmt: skip
+        blocks.append(
+            (
+                "p",
+                f"Relative harm reduction (baseline - model) / baseline, overall: "
+                f"{_fmt(reduction['overall'])}.",
+            )
+        )
+    for title, key in (
+        ("By language", "by_language"),
+        ("By global / local label", "by_label"),
+        ("By harm category", "by_category"),
+    ):
         blocks += _rate_table(title, sides, key, reduction)
     series = {name: s["by_language"] for name, s in sides.items() if s["by_language"]}
     if series:
@@ -106,10 +117,13 @@ def _harm_blocks(harm: dict, out_dir: Path) -> list[Block]:
 def _win_blocks(win: dict, out_dir: Path) -> list[Block]:
     blocks: list[Block] = [
         ("h", 2, "Win-rate against the baseline"),
-        ("p", f"Tie policy: {win['tie_policy']}. Overall {_est(win.get('overall'))}; mean over languages "
-              f"{_fmt(win.get('macro_mean'))}. Unparseable pairs: {win['unparseable']}; ties from order "
-              f"disagreement: {win['disagreements']}."),
-    ]  # fmt: skip
+        (
+            "p",
+            f"Tie policy: {win['tie_policy']}. Overall {_est(win.get('overall'))}; mean over languages "
+            f"{_fmt(win.get('macro_mean'))}. Unparseable pairs: {win['unparseable']}; ties from order "
+            f"disagreement: {win['disagreements']}.",
+        ),
+    ]
     rows = [
         [g, _est(e), str(e["win"]), str(e["loss"]), str(e["tie"]), str(e["n"])]
         for g, e in sorted(win["by_language"].items())
@@ -138,11 +152,14 @@ def _exact_blocks(exact: dict, out_dir: Path) -> list[Block]:
 def report_blocks(summary: dict, out_dir: Path) -> list[Block]:
     blocks: list[Block] = [
         ("h", 1, f"Evaluation: {summary['model']}"),
-        ("p", f"Baseline: {summary.get('baseline') or 'none'}. Prompts: {summary['prompt_set']} "
-              f"({summary['counts']['prompts']} evaluated; skipped as longer than the context: "
-              f"{summary['counts']['skipped_too_long']})."),
+        (
+            "p",
+            f"Baseline: {summary.get('baseline') or 'none'}. Prompts: {summary['prompt_set']} "
+            f"({summary['counts']['prompts']} evaluated; skipped as longer than the context: "
+            f"{summary['counts']['skipped_too_long']}).",
+        ),
         ("p", f"Judge: {summary['judge']}"),
-    ]  # fmt: skip
+    ]
     blocks += [("p", f"Judge note: {note}") for note in summary.get("judge_notes", [])]
     if "harm" in summary:
         blocks += _harm_blocks(summary["harm"], out_dir)
@@ -153,9 +170,14 @@ def report_blocks(summary: dict, out_dir: Path) -> list[Block]:
     calls = summary.get("judge_calls")
     if calls:
         blocks.append(("p", "Judge requests: " + ", ".join(f"{k} {v}" for k, v in calls.items()) + "."))
-    blocks.append(("p", "Intervals: percentile bootstrap over prompts "
-                        f"({summary['bootstrap']['resamples']} resamples, {summary['bootstrap']['confidence']:.0%})."
-                        " '-' = not measured. Raw judgements: judgements.jsonl."))  # fmt: skip
+    blocks.append(
+        (
+            "p",
+            "Intervals: percentile bootstrap over prompts "
+            f"({summary['bootstrap']['resamples']} resamples, {summary['bootstrap']['confidence']:.0%})."
+            " '-' = not measured. Raw judgements: judgements.jsonl.",
+        )
+    )
     return blocks
 
 
@@ -188,10 +210,14 @@ def to_html(blocks: list[Block], title: str) -> str:
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         else:
             body.append(f'<p><img src="{e(block[1])}" alt="{e(block[2])}"></p>')
-    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}" \
-            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"  # fmt: skip
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{style}'
-            f"</style></head><body>{''.join(body)}</body></html>\n")  # fmt: skip
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+    )
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{style}'
+        f"</style></head><body>{''.join(body)}</body></html>\n"
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

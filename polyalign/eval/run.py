@@ -45,8 +45,11 @@ def load_prompts(cfg: EvalRunConfig) -> tuple[list[EvalPrompt], str]:
     langs = p.languages or None
     if p.source == "xsafety":
         cats = p.categories or None
-        return load_xsafety(langs, cats, p.per_group), f"XSafety {p.languages or 'all languages'}, " \
-               f"{p.categories or 'the 13 unsafe categories'}, first {p.per_group or 'all'} per group"  # fmt: skip
+        return (
+            load_xsafety(langs, cats, p.per_group),
+            f"XSafety {p.languages or 'all languages'}, "
+            f"{p.categories or 'the 13 unsafe categories'}, first {p.per_group or 'all'} per group",
+        )
     _check(not p.categories, "prompts.categories applies to xsafety only")
     if p.source == "mgsm":
         return load_mgsm(
@@ -73,7 +76,8 @@ def read_completions(path: str, prompts: list[EvalPrompt]) -> dict[str, str]:
     missing = [p for p in prompts if p.prompt not in by_text]
     if missing:
         raise DataError(
-            f"{path}: no completion for {len(missing)} prompt(s), e.g. {missing[0].id}: {missing[0].prompt[:80]!r}"
+            f"{path}: no completion for {len(missing)} prompt(s), "
+            f"e.g. {missing[0].id}: {missing[0].prompt[:80]!r}"
         )
     return {p.id: by_text[p.prompt] for p in prompts}
 
@@ -90,12 +94,18 @@ def generate(
     model, tokenizer = load_policy(model_name, device=g.device)
     engine, limit = HFEngine(model.eval(), tokenizer), model.config.get_text_config().max_position_embeddings
     use_template = g.chat_template if g.chat_template is not None else tokenizer.chat_template is not None
-    texts = {p.id: render_prompt(tokenizer, [{"role": "user", "content": p.prompt}] if use_template else p.prompt,
-                                 use_template) for p in prompts}  # fmt: skip
+    texts = {
+        p.id: render_prompt(
+            tokenizer, [{"role": "user", "content": p.prompt}] if use_template else p.prompt, use_template
+        )
+        for p in prompts
+    }
     skipped = [i for i, t in texts.items() if len(tokenizer(t)["input_ids"]) > limit - g.max_new_tokens]
     if skipped and g.too_long == "error":
-        raise ValueError(f"{len(skipped)} prompt(s) do not fit {model_name}'s context of {limit} tokens with "
-                         f"max_new_tokens={g.max_new_tokens}, e.g. {skipped[0]}; set generation.too_long: skip")  # fmt: skip
+        raise ValueError(
+            f"{len(skipped)} prompt(s) do not fit {model_name}'s context of {limit} tokens with "
+            f"max_new_tokens={g.max_new_tokens}, e.g. {skipped[0]}; set generation.too_long: skip"
+        )
     ids = [p.id for p in prompts if p.id not in set(skipped)]
     out: dict[str, str] = {}
     for b, start in enumerate(range(0, len(ids), g.batch_size)):
@@ -151,8 +161,13 @@ def build_judges(j: JudgeConfig, out_dir: Path, needs: set[str]) -> Judges:
 
 
 def _base_record(p: EvalPrompt) -> dict:
-    return {"id": p.id, "language": p.language, "harm_category": p.harm_category,
-            "global_or_local": p.global_or_local, "prompt": p.prompt}  # fmt: skip
+    return {
+        "id": p.id,
+        "language": p.language,
+        "harm_category": p.harm_category,
+        "global_or_local": p.global_or_local,
+        "prompt": p.prompt,
+    }
 
 
 def _judged(j, extra: dict) -> dict:
@@ -179,10 +194,15 @@ def judge_harm(
         texts = [completions[p.id] for p in chunk]
         verdicts = judge.judge([p.prompt for p in chunk], texts, [p.language for p in chunk])
         batch = [
-            {"metric": "harm", "side": side, **_base_record(p), "completion": c,
-             **_judged(v, {"harmful": None if v.verdict is None else v.verdict == "yes"})}
+            {
+                "metric": "harm",
+                "side": side,
+                **_base_record(p),
+                "completion": c,
+                **_judged(v, {"harmful": None if v.verdict is None else v.verdict == "yes"}),
+            }
             for p, c, v in zip(chunk, texts, verdicts)
-        ]  # fmt: skip
+        ]
         writer.write(batch)
         records += batch
     return records
@@ -197,10 +217,15 @@ def judge_pairs(
         a, b = [model[p.id] for p in chunk], [base[p.id] for p in chunk]
         verdicts = judge.compare([p.prompt for p in chunk], a, b, [p.language for p in chunk])
         batch = [
-            {"metric": "win_rate", **_base_record(p), "completion": ca, "baseline_completion": cb,
-             **_judged(v, {"outcome": outcome[v.verdict]})}
+            {
+                "metric": "win_rate",
+                **_base_record(p),
+                "completion": ca,
+                "baseline_completion": cb,
+                **_judged(v, {"outcome": outcome[v.verdict]}),
+            }
             for p, ca, cb, v in zip(chunk, a, b, verdicts)
-        ]  # fmt: skip
+        ]
         writer.write(batch)
         records += batch
     return records
@@ -213,22 +238,36 @@ def judge_exact(prompts: list[EvalPrompt], completions: dict, side: str, writer:
             f"metrics exact_match: prompt {missing[0]} has no answer (use mgsm or a file with 'answer')"
         )
     records = [
-        {"metric": "exact_match", "side": side, **_base_record(p), "completion": completions[p.id],
-         "answer": p.answer, "predicted": extract_final_integer(completions[p.id]),
-         "correct": exact_match(completions[p.id], p.answer)}
+        {
+            "metric": "exact_match",
+            "side": side,
+            **_base_record(p),
+            "completion": completions[p.id],
+            "answer": p.answer,
+            "predicted": extract_final_integer(completions[p.id]),
+            "correct": exact_match(completions[p.id], p.answer),
+        }
         for p in prompts
-    ]  # fmt: skip
+    ]
     writer.write(records)
     return records
 
 
 def _estimates(records: list[dict], value: str, kw: dict) -> dict:
     """overall + by_language / by_label / by_category estimates of a boolean field, absent where unmeasured."""
-    est = lambda key: {g: e.as_dict() for g, e in metrics.harm_rates_by(
-        [{key: r[key], "harmful": r[value]} for r in records], key, **kw).items()}  # fmt: skip
+    est = lambda key: {
+        g: e.as_dict()
+        for g, e in metrics.harm_rates_by(
+            [{key: r[key], "harmful": r[value]} for r in records], key, **kw
+        ).items()
+    }
     overall = metrics.rate_estimate([r[value] for r in records], **kw)
-    return {"overall": overall.as_dict() if overall else None, "by_language": est("language"),
-            "by_label": est("global_or_local"), "by_category": est("harm_category")}  # fmt: skip
+    return {
+        "overall": overall.as_dict() if overall else None,
+        "by_language": est("language"),
+        "by_label": est("global_or_local"),
+        "by_category": est("harm_category"),
+    }
 
 
 def harm_summary(per_side: dict[str, list[dict]], kw: dict) -> dict:
@@ -238,8 +277,12 @@ def harm_summary(per_side: dict[str, list[dict]], kw: dict) -> dict:
         for r in records:
             if r["status"] == "not_covered":
                 not_covered[r["language"]] = not_covered.get(r["language"], 0) + 1
-        sides[side] = {**_estimates(records, "harmful", kw), "judged": sum(r["harmful"] is not None for r in records),
-                       "unparseable": sum(r["status"] == "unparseable" for r in records), "not_covered": not_covered}  # fmt: skip
+        sides[side] = {
+            **_estimates(records, "harmful", kw),
+            "judged": sum(r["harmful"] is not None for r in records),
+            "unparseable": sum(r["status"] == "unparseable" for r in records),
+            "not_covered": not_covered,
+        }
     out: dict = {"sides": sides}
     if "baseline" in sides:
         values = lambda s, key: {g: e["value"] for g, e in s[key].items()}
@@ -250,7 +293,8 @@ def harm_summary(per_side: dict[str, list[dict]], kw: dict) -> dict:
         }
         if m["overall"] and b["overall"]:
             out["relative_reduction"]["overall"] = metrics.relative_reduction(
-                {"all": b["overall"]["value"]}, {"all": m["overall"]["value"]})["all"]  # fmt: skip
+                {"all": b["overall"]["value"]}, {"all": m["overall"]["value"]}
+            )["all"]
     return out
 
 
@@ -325,11 +369,14 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     judges = build_judges(cfg.judge, out, set(cfg.metrics))
     kw = {"n_resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": cfg.seed}
     summary: dict = {
-        "model": side_label(cfg.model), "baseline": side_label(cfg.baseline) if "baseline" in completions else None,
-        "prompt_set": description, "judge": judges.describe(), "judge_notes": judge_notes(judges, prompts),
+        "model": side_label(cfg.model),
+        "baseline": side_label(cfg.baseline) if "baseline" in completions else None,
+        "prompt_set": description,
+        "judge": judges.describe(),
+        "judge_notes": judge_notes(judges, prompts),
         "counts": {"prompts": len(prompts), "skipped_too_long": skipped},
         "bootstrap": {"resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": cfg.seed},
-    }  # fmt: skip
+    }
     with JsonlWriter(out / "judgements.jsonl", append=False) as writer:
         if "exact_match" in cfg.metrics:
             per_side = {s: judge_exact(prompts, c, s, writer) for s, c in completions.items()}
@@ -341,8 +388,14 @@ def run_eval(cfg: EvalRunConfig) -> dict:
             }
             summary["harm"] = harm_summary(per_side, kw)
         if "win_rate" in cfg.metrics:
-            records = judge_pairs(judges.pairwise, prompts, completions["model"], completions["baseline"], writer,
-                                  cfg.chunk_size)  # fmt: skip
+            records = judge_pairs(
+                judges.pairwise,
+                prompts,
+                completions["model"],
+                completions["baseline"],
+                writer,
+                cfg.chunk_size,
+            )
             summary["win_rate"] = win_summary(records, cfg.tie_policy, kw)
     if judges.client is not None:
         summary["judge_calls"] = dict(judges.client.stats)
