@@ -376,3 +376,18 @@ def test_reward_model_judge_pairwise_by_score():
     assert [j.verdict for j in out] == ["A", "B", "tie"]
     assert [j.score for j in judge.judge(["p"], ["great"])] == [2.0]
     assert "fake-rm" in judge.describe()
+
+
+def test_hf_backend_runs_a_local_model_as_judge(stories, tmp_path):
+    """A local model as a chat judge (greedy): stories260K cannot say yes/no, so verdicts are unparseable and
+    counted; the raw replies are kept and a second call is a cache hit."""
+    from polyalign.eval.backends import HFChatBackend
+
+    model, tokenizer = stories
+    client = ChatClient(
+        HFChatBackend(model, tokenizer, "stories260K"), cache=tmp_path / "c.jsonl", max_workers=2
+    )
+    first = LLMPointwiseJudge(client, max_tokens=6).judge(["p", "q"], ["a", "b"], ["en", "en"])
+    assert all(j.raw and j.status in ("ok", "unparseable") for j in first)
+    again = LLMPointwiseJudge(client, max_tokens=6).judge(["p", "q"], ["a", "b"], ["en", "en"])
+    assert client.stats["cache_hits"] == 2 and [j.raw for j in again] == [j.raw for j in first]
