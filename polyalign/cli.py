@@ -3,6 +3,8 @@
     polyalign train [CONFIG.yaml] [--resume] [--section.key=value ...]   online RL (default: the quickstart)
     polyalign repro copg-bandit [--epochs N] [--seed S] [--out DIR]      CoPG paper, Sec. 5 toy bandit
     polyalign repro back-to-basics [--seeds 0 1 2] [--out DIR] ...       RLOO paper, Table 1 in miniature
+    polyalign eval CONFIG.yaml [--section.key=value ...]                  win-rate / harm rate / exact match
+    polyalign serve [--model NAME] [--port 8000]                          OpenAI-compatible chat server
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 
 
 def _split_overrides(extra: list[str]) -> list[str]:
-    bad = [x for x in extra if not (x.startswith("--") and "=" in x and "." in x.split("=")[0])]
+    bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
     if bad:
         raise SystemExit(f"polyalign: unrecognised arguments {bad}; config overrides look like --train.lr=1e-6")
     return extra
@@ -46,6 +48,18 @@ def cmd_repro(args: argparse.Namespace, extra: list[str]) -> int:
                               overrides=_split_overrides(extra))
 
 
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from polyalign.eval.run import cli_eval
+
+    return cli_eval(args.config, _split_overrides(extra))
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from polyalign.serve import cli_serve
+
+    return cli_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyalign", description="Align language models with rewards and preferences.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,13 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--steps", type=int, default=None, help="back-to-basics: rollout batches per run")
     repro.add_argument("--out", default=None, help="output directory")
     repro.set_defaults(func=cmd_repro)
+    ev = sub.add_parser("eval", help="judge a model or completions file: win-rate, harm rate per language, exact match")
+    ev.add_argument("config", help="YAML eval config (see configs/eval/)")
+    ev.set_defaults(func=cmd_eval)
+    srv = sub.add_parser("serve", help="an OpenAI-compatible /v1/chat/completions server over any loadable model")
+    srv.add_argument("--model", default="stories260K", help="built-in name, local directory or hub id")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.set_defaults(func=cmd_serve)
     return parser
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    names = set()
+    for action in parser._actions:
+        names.update(action.option_strings)
+        for sub in getattr(action, "choices", None).values() if isinstance(action, argparse._SubParsersAction) else ():
+            names |= _option_strings(sub)
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    overrides = [a for a in argv if a.startswith("--") and "=" in a and "." in a.split("=")[0]]
-    args, extra = build_parser().parse_known_args([a for a in argv if a not in overrides])
+    parser = build_parser()
+    known = _option_strings(parser)
+    # `--section.key=value` (and `--key=value` for top-level keys) are config overrides, taken out before
+    # argparse, which would mistake a value with spaces (`--reward.functions={a: 1}`) for a positional.
+    overrides = [a for a in argv if a.startswith("--") and "=" in a and a.split("=")[0] not in known]
+    args, extra = parser.parse_known_args([a for a in argv if a not in overrides])
     return args.func(args, overrides + extra)
 
 

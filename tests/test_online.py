@@ -118,3 +118,15 @@ def test_kill_9_then_resume(tmp_path):
     subprocess.run([*args, "--resume"], check=True, stdout=subprocess.DEVNULL, timeout=600)
     steps = [m["step"] for m in metrics(run_dir) if "loss" in m]
     assert steps == list(range(1, 41))
+
+
+@pytest.mark.slow
+def test_quickstart_raises_the_held_out_reward(tmp_path):
+    """The README's main job, as a user runs it: the held-out reward must rise and a report be written."""
+    run_dir = tmp_path / "quickstart"
+    done = subprocess.run([sys.executable, "-m", "polyalign.cli", "train", f"--output.run_dir={run_dir}"],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_eval"]["eval/reward"] > summary["eval_start"]["eval/reward"] + 1.0
+    assert (run_dir / "report.md").exists() and (run_dir / "plots" / "reward.png").exists()
