@@ -1,10 +1,10 @@
 """The `polyalign` command: parse, build a config, call one function. No logic lives here.
 
-    polyalign train [CONFIG.yaml] [--resume] [--section.key=value ...]   online RL (default: the quickstart)
-    polyalign repro copg-bandit [--epochs N] [--seed S] [--out DIR]      CoPG paper, Sec. 5 toy bandit
-    polyalign repro back-to-basics [--seeds 0 1 2] [--out DIR] ...       RLOO paper, Table 1 in miniature
-    polyalign eval CONFIG.yaml [--section.key=value ...]                  win-rate / harm rate / exact match
-    polyalign serve [--model NAME] [--port 8000]                          OpenAI-compatible chat server
+polyalign train [CONFIG.yaml] [--resume] [--section.key=value ...]   online RL (default: the quickstart)
+polyalign repro copg-bandit [--epochs N] [--seed S] [--out DIR]      CoPG paper, Sec. 5 toy bandit
+polyalign repro back-to-basics [--seeds 0 1 2] [--out DIR] ...       RLOO paper, Table 1 in miniature
+polyalign eval CONFIG.yaml [--section.key=value ...]                  win-rate / harm rate / exact match
+polyalign serve [--model NAME] [--port 8000]                          OpenAI-compatible chat server
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import sys
 def _split_overrides(extra: list[str]) -> list[str]:
     bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
     if bad:
-        raise SystemExit(f"polyalign: unrecognised arguments {bad}; config overrides look like --train.lr=1e-6")
+        raise SystemExit(
+            f"polyalign: unrecognised arguments {bad}; config overrides look like --train.lr=1e-6"
+        )
     return extra
 
 
@@ -32,8 +34,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     summary = train_online(cfg, resume=args.resume)
     start, best = summary.get("eval_start"), summary.get("best_eval")
     if start and best:
-        print(f"held-out reward {start['eval/reward']:.3f} -> best {best['eval/reward']:.3f} "
-              f"(step {best['step']}, KL {best['eval/kl']:.2f}); report: {summary.get('report')}")
+        print(
+            f"held-out reward {start['eval/reward']:.3f} -> best {best['eval/reward']:.3f} "
+            f"(step {best['step']}, KL {best['eval/kl']:.2f}); report: {summary.get('report')}"
+        )
     return 0
 
 
@@ -44,8 +48,12 @@ def cmd_repro(args: argparse.Namespace, extra: list[str]) -> int:
         return cli_copg_bandit(epochs=args.epochs, seed=args.seed, out=args.out or "runs/copg-bandit")
     from polyalign.repro.back_to_basics import cli_back_to_basics
 
-    return cli_back_to_basics(seeds=args.seeds, steps=args.steps, out=args.out or "runs/back-to-basics",
-                              overrides=_split_overrides(extra))
+    return cli_back_to_basics(
+        seeds=args.seeds,
+        steps=args.steps,
+        out=args.out or "runs/back-to-basics",
+        overrides=_split_overrides(extra),
+    )
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
@@ -61,11 +69,16 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="polyalign", description="Align language models with rewards and preferences.")
+    parser = argparse.ArgumentParser(
+        prog="polyalign", description="Align language models with rewards and preferences."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="online RL from a reward (RLOO, REINFORCE, vanilla PG, PPO, RAFT, CoPG)",
-                           description="With no config: RLOO (k=4) on the built-in stories260K model against the "
-                                       "built-in sentiment reward model. Overrides: --section.key=value.")
+    train = sub.add_parser(
+        "train",
+        help="online RL from a reward (RLOO, REINFORCE, vanilla PG, PPO, RAFT, CoPG)",
+        description="With no config: RLOO (k=4) on the built-in stories260K model against the "
+        "built-in sentiment reward model. Overrides: --section.key=value.",
+    )
     train.add_argument("config", nargs="?", help="YAML config; omitted = the built-in quickstart")
     train.add_argument("--resume", action="store_true", help="continue the run in output.run_dir")
     train.set_defaults(func=cmd_train)
@@ -77,10 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--steps", type=int, default=None, help="back-to-basics: rollout batches per run")
     repro.add_argument("--out", default=None, help="output directory")
     repro.set_defaults(func=cmd_repro)
-    ev = sub.add_parser("eval", help="judge a model or completions file: win-rate, harm rate per language, exact match")
+    ev = sub.add_parser(
+        "eval", help="judge a model or completions file: win-rate, harm rate per language, exact match"
+    )
     ev.add_argument("config", help="YAML eval config (see configs/eval/)")
     ev.set_defaults(func=cmd_eval)
-    srv = sub.add_parser("serve", help="an OpenAI-compatible /v1/chat/completions server over any loadable model")
+    srv = sub.add_parser(
+        "serve", help="an OpenAI-compatible /v1/chat/completions server over any loadable model"
+    )
     srv.add_argument("--model", default="stories260K", help="built-in name, local directory or hub id")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
@@ -92,7 +109,11 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
     names = set()
     for action in parser._actions:
         names.update(action.option_strings)
-        for sub in getattr(action, "choices", None).values() if isinstance(action, argparse._SubParsersAction) else ():
+        for sub in (
+            getattr(action, "choices", None).values()
+            if isinstance(action, argparse._SubParsersAction)
+            else ()
+        ):
             names |= _option_strings(sub)
     return names
 

@@ -33,7 +33,10 @@ def test_bootstrap_ci_brackets_the_mean_and_is_seeded():
 
 def test_summarize_pools_seeds_and_sorts_by_win_rate():
     results = {
-        "A": [{"wins": [1.0, 0.0], "reward": [1.0, 3.0], "kl": [0.5, 1.5]}, {"wins": [1.0, 1.0], "reward": [2.0, 2.0], "kl": [1.0, 1.0]}],
+        "A": [
+            {"wins": [1.0, 0.0], "reward": [1.0, 3.0], "kl": [0.5, 1.5]},
+            {"wins": [1.0, 1.0], "reward": [2.0, 2.0], "kl": [1.0, 1.0]},
+        ],
         "B": [{"wins": [0.0, 0.5], "reward": [0.0, 0.0], "kl": [0.0, 0.0]}],
     }
     rows = summarize(results)
@@ -44,7 +47,9 @@ def test_summarize_pools_seeds_and_sorts_by_win_rate():
 
 @pytest.mark.slow
 def test_command_runs_every_method(tmp_path, capsys):
-    assert cli_back_to_basics([0], 2, str(tmp_path), ["--rollout.max_new_tokens=8", "--eval.num_prompts=4"]) == 0
+    assert (
+        cli_back_to_basics([0], 2, str(tmp_path), ["--rollout.max_new_tokens=8", "--eval.num_prompts=4"]) == 0
+    )
     out = capsys.readouterr().out
     for name in METHODS:
         assert name in out

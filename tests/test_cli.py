@@ -11,8 +11,19 @@ from polyalign.cli import build_parser, main
 
 def test_train_through_the_cli(tmp_path):
     run_dir = tmp_path / "run"
-    assert main(["train", "configs/tiny-cpu/rloo.yaml", "--train.steps=1", "--eval.every=1",
-                 f"--output.run_dir={run_dir}", "--reward.functions={lexicon_sentiment: 1.0}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "configs/tiny-cpu/rloo.yaml",
+                "--train.steps=1",
+                "--eval.every=1",
+                f"--output.run_dir={run_dir}",
+                "--reward.functions={lexicon_sentiment: 1.0}",
+            ]
+        )
+        == 0
+    )
     assert (run_dir / "config.yaml").read_text().count("lexicon_sentiment") == 1
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 1
 

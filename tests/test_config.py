@@ -60,7 +60,12 @@ def test_validation_errors(override, message):
 
 
 def test_reinforce_allows_one_sample():
-    assert load_config(None, ["--algo.name=vanilla_pg", "--rollout.samples_per_prompt=1"]).rollout.samples_per_prompt == 1
+    assert (
+        load_config(
+            None, ["--algo.name=vanilla_pg", "--rollout.samples_per_prompt=1"]
+        ).rollout.samples_per_prompt
+        == 1
+    )
 
 
 def test_dump_round_trip(tmp_path):

@@ -18,9 +18,15 @@ from polyalign.train.online import group_minibatches, train_loop, train_online
 from polyalign.train.run import setup_run
 
 TINY = [
-    "--reward.functions={lexicon_sentiment: 1.0}", "--rollout.prompts_per_step=2", "--rollout.samples_per_prompt=2",
-    "--rollout.max_new_tokens=6", "--eval.every=0", "--output.progress=false", "--output.report=false",
-    "--output.sample_every=0", "--train.steps=2",
+    "--reward.functions={lexicon_sentiment: 1.0}",
+    "--rollout.prompts_per_step=2",
+    "--rollout.samples_per_prompt=2",
+    "--rollout.max_new_tokens=6",
+    "--eval.every=0",
+    "--output.progress=false",
+    "--output.report=false",
+    "--output.sample_every=0",
+    "--train.steps=2",
 ]
 
 
@@ -46,7 +52,10 @@ def test_every_algorithm_trains(tmp_path, algo):
 
 def test_group_minibatches_keep_whole_groups():
     parts = group_minibatches(num_groups=4, group_size=3, parts=2, micro_rows=3)
-    assert [[r.tolist() for r in micros] for micros in parts] == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
+    assert [[r.tolist() for r in micros] for micros in parts] == [
+        [[0, 1, 2], [3, 4, 5]],
+        [[6, 7, 8], [9, 10, 11]],
+    ]
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -55,7 +64,9 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     train_online(full)
     half = tiny_cfg(tmp_path / "b", *common, "--output.checkpoint_every=2")
     run = setup_run(half)
-    run.cfg = load_config(None, [*TINY, f"--output.run_dir={half.output.run_dir}", *common[1:], "--train.steps=2"])
+    run.cfg = load_config(
+        None, [*TINY, f"--output.run_dir={half.output.run_dir}", *common[1:], "--train.steps=2"]
+    )
     train_loop(run)  # stops after step 2, as if killed right after its checkpoint
     train_online(half, resume=True)
     a = {m["step"]: m for m in metrics(full.output.run_dir) if "loss" in m}
@@ -90,7 +101,9 @@ def test_bad_reward_is_a_clear_error(tmp_path, fn, message):
 
 def test_too_long_prompt_names_the_row(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    path.write_text(json.dumps({"prompt": "Once upon a time"}) + "\n" + json.dumps({"prompt": "word " * 300}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "Once upon a time"}) + "\n" + json.dumps({"prompt": "word " * 300}) + "\n"
+    )
     cfg = tiny_cfg(tmp_path, f"--data.prompts={path}", "--data.eval_prompts=null")
     with pytest.raises(ValueError, match="prompt 2 has"):
         setup_run(cfg)
@@ -106,8 +119,16 @@ def test_unknown_algorithm_and_small_k():
 @pytest.mark.slow
 def test_kill_9_then_resume(tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "polyalign.cli", "train", *TINY, "--train.steps=40", "--output.checkpoint_every=1",
-            f"--output.run_dir={run_dir}"]
+    args = [
+        sys.executable,
+        "-m",
+        "polyalign.cli",
+        "train",
+        *TINY,
+        "--train.steps=40",
+        "--output.checkpoint_every=1",
+        f"--output.run_dir={run_dir}",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "checkpoints" / "latest").exists():
@@ -124,9 +145,38 @@ def test_kill_9_then_resume(tmp_path):
 def test_quickstart_raises_the_held_out_reward(tmp_path):
     """The README's main job, as a user runs it: the held-out reward must rise and a report be written."""
     run_dir = tmp_path / "quickstart"
-    done = subprocess.run([sys.executable, "-m", "polyalign.cli", "train", f"--output.run_dir={run_dir}"],
-                          capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [sys.executable, "-m", "polyalign.cli", "train", f"--output.run_dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_eval"]["eval/reward"] > summary["eval_start"]["eval/reward"] + 1.0
     assert (run_dir / "report.md").exists() and (run_dir / "plots" / "reward.png").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--model.dtype=bfloat16"], ["--model.gradient_checkpointing=true"], ["--train.micro_batch_size=2"]],
+)
+def test_bf16_checkpointing_and_micro_batches_train(tmp_path, extra):
+    cfg = tiny_cfg(tmp_path, "--train.lr=1e-2", *extra)
+    run = setup_run(cfg)
+    train_loop(run)
+    rows = [m for m in metrics(cfg.output.run_dir) if "loss" in m]
+    assert len(rows) == 2 and all(m["skipped_steps"] == 0 for m in rows)
+
+
+def test_micro_batching_gives_the_full_batch_update(tmp_path):
+    """Gradient accumulation over micro-batches updates the policy exactly like one full batch."""
+    params = []
+    for i, extra in enumerate([[], ["--train.micro_batch_size=2"]]):
+        cfg = tiny_cfg(
+            tmp_path / str(i), "--train.lr=1e-2", "--train.steps=1", "--algo.updates_per_batch=1", *extra
+        )
+        run = setup_run(cfg)
+        train_loop(run)
+        params.append(torch.cat([p.detach().flatten() for p in run.policy.parameters()]))
+    torch.testing.assert_close(params[0], params[1], rtol=1e-4, atol=1e-6)

@@ -233,7 +233,10 @@ def train_loop(run: Run) -> None:
     if run.start_step == 0 and cfg.eval.every:
         run.state["eval_start"] = evaluate(run, step=0)
     for step in range(run.start_step, cfg.train.steps):
-        set_lr(run.optimizer, lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule))
+        set_lr(
+            run.optimizer,
+            lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule),
+        )
         metrics = train_step(run, step)
         run.logger.log(step + 1, metrics)
         run.progress.update(step + 1, metrics)

@@ -29,7 +29,9 @@ def build_value_model(cfg, policy: torch.nn.Module) -> torch.nn.Module:
     return model.to(policy.device).train()
 
 
-def token_rewards(scores: torch.Tensor, kl_per_token: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+def token_rewards(
+    scores: torch.Tensor, kl_per_token: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
     """(B, T): -beta * kl_t on completion tokens and the score added at each row's last completion token."""
     rewards = -beta * kl_per_token * mask
     last = (mask.sum(-1) - 1).clamp(min=0)
@@ -42,10 +44,15 @@ def ppo_update(run, rollout, scored) -> dict[str, float]:
     mask = rollout.completion_mask
     with torch.no_grad():
         old_values = value_forward(run.value_model, *args)  # (B, T)
-        kl_t = (losses.kl_estimate(rollout.logprobs, scored.ref_logprobs, kind=a.kl_estimator)
-                if scored.ref_logprobs is not None else torch.zeros_like(rollout.logprobs))
+        kl_t = (
+            losses.kl_estimate(rollout.logprobs, scored.ref_logprobs, kind=a.kl_estimator)
+            if scored.ref_logprobs is not None
+            else torch.zeros_like(rollout.logprobs)
+        )
         rewards = token_rewards(scored.scores, kl_t, mask, a.kl_coef)
-        advantages, returns = losses.gae_advantages(rewards, old_values, mask, gamma=a.gamma, lam=a.gae_lambda)
+        advantages, returns = losses.gae_advantages(
+            rewards, old_values, mask, gamma=a.gamma, lam=a.gae_lambda
+        )
         if a.whiten_advantages:
             advantages = losses.whiten(advantages, mask)
     params = list(run.policy.parameters()) + list(run.value_model.parameters())
@@ -64,10 +71,16 @@ def ppo_update(run, rollout, scored) -> dict[str, float]:
                 rows = rows_mb[m : m + micro]
                 sub = tuple(t[rows] for t in args)
                 logp = completion_logprobs(run.policy, *sub, temperature=run.logprob_temperature)
-                pl, pstats = losses.ppo_clip_loss(logp, rollout.logprobs[rows], advantages[rows], mask[rows],
-                                                  clip_eps=a.ppo_clip_eps)
-                vl, vstats = losses.value_loss(value_forward(run.value_model, *sub), old_values[rows], returns[rows],
-                                               mask[rows], clip_eps=a.value_clip_eps)
+                pl, pstats = losses.ppo_clip_loss(
+                    logp, rollout.logprobs[rows], advantages[rows], mask[rows], clip_eps=a.ppo_clip_eps
+                )
+                vl, vstats = losses.value_loss(
+                    value_forward(run.value_model, *sub),
+                    old_values[rows],
+                    returns[rows],
+                    mask[rows],
+                    clip_eps=a.value_clip_eps,
+                )
                 loss = pl + a.value_coef * vl
                 (loss * (len(rows) / len(rows_mb))).backward()
                 weight = len(rows) / len(rows_mb) / n_updates

@@ -117,8 +117,12 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
         eval_prompts,
         optimizer,
         MetricsLogger(run_dir),
-        Progress(total=cfg.train.steps, keys=("reward", "score", "kl", "length", "tokens_per_s"),
-                       enabled=cfg.output.progress, print_every=10 if cfg.output.progress else 0),
+        Progress(
+            total=cfg.train.steps,
+            keys=("reward", "score", "kl", "length", "tokens_per_s"),
+            enabled=cfg.output.progress,
+            print_every=10 if cfg.output.progress else 0,
+        ),
         value_model,
     )
     if resume:
@@ -214,9 +218,11 @@ def finish_run(run: Run) -> dict:
         "best_eval": run.state.get("best_eval"),
     }
     if run.cfg.output.report:
-        from polyalign.train.online_report import write_online_report
+        from polyalign.train.online_report import before_after, write_online_report
 
         summary["report"] = str(write_online_report(run.run_dir, run.cfg))
+        for prompt, before, after in before_after(run.run_dir)[2]:
+            print0(f"\n{prompt}\n  before: {before.strip()}\n  after:  {after.strip()}")
     atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=1))
     print0(f"run finished: {run.run_dir}")
     return summary
