@@ -1,0 +1,210 @@
+"""Everything the offline trainer holds for one run, built from an OfflineRunConfig: the trained model (a
+causal LM, or a sequence classifier for reward_model), the reference (cached log-probs or a frozen model),
+the tokenized pair sets, optimizer, logging, resume, and the closing report. `train/offline.py` holds the
+loop and the losses; this file holds no algorithm.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from polyalign.config import dump_yaml
+from polyalign.config_offline import OfflineRunConfig
+from polyalign.models import load_policy, load_reference, load_tokenizer, resolve_model_path
+from polyalign.report import write_run_report
+from polyalign.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint
+from polyalign.train.logging import MetricsLogger, Progress, print0
+from polyalign.train.loop import build_optimizer, seed_everything
+from polyalign.train.offline_batches import precompute_reference
+from polyalign.train.offline_data import PairSet, build_pair_sets
+
+# Losses whose pairs are compared against a reference policy.
+NEEDS_REFERENCE = ("dpo", "ipo", "copg")
+
+
+@dataclass
+class OfflineRun:
+    cfg: OfflineRunConfig
+    run_dir: Path
+    model: torch.nn.Module  # the policy (causal LM), or the reward model being trained
+    ref: torch.nn.Module | None  # frozen reference for on-the-fly log-probs; None when cached or unused
+    tokenizer: object
+    train_set: PairSet
+    eval_set: PairSet | None
+    optimizer: torch.optim.Optimizer
+    logger: MetricsLogger
+    progress: Progress
+    total_steps: int
+    data_report: dict
+    start_step: int = 0
+    state: dict = field(default_factory=dict)  # step, eval at start, best eval: saved in checkpoints
+
+    @property
+    def needs_ref(self) -> bool:
+        return self.cfg.loss.name in NEEDS_REFERENCE
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def console(self, message: str) -> None:
+        self.progress.print(message)
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"reward_model" if self.cfg.loss.name == "reward_model" else "policy": self.model}
+
+
+def total_steps(cfg: OfflineRunConfig, num_pairs: int) -> int:
+    """train.steps, or ceil(epochs * training pairs / batch_size) when steps == 0 (derived here only)."""
+    t = cfg.train
+    return t.steps if t.steps > 0 else max(1, -(-int(t.epochs * num_pairs) // t.batch_size))
+
+
+def load_trained_model(cfg: OfflineRunConfig) -> torch.nn.Module:
+    """The model to train: the policy, or a one-output sequence classifier initialised from it."""
+    m = cfg.model
+    if cfg.loss.name == "reward_model":
+        from polyalign.train.reward_model import load_base_classifier
+
+        model, _ = load_base_classifier(m.policy, cfg.train.seed)
+        return model.to(device=m.device, dtype=getattr(torch, m.dtype)).train()
+    model, _ = load_policy(m.policy, m.dtype, m.device, m.gradient_checkpointing)
+    return model
+
+
+def setup_reference(cfg: OfflineRunConfig, model, train_set: PairSet, eval_set: PairSet | None, pad_id: int):
+    """Cache the reference log-probs of every pair (returns None) or return a frozen reference model. The
+    reference is model.reference, else the starting policy (which, when caching, is the policy itself)."""
+    m = cfg.model
+    if m.reference:
+        ref = load_reference(m.reference, dtype=m.dtype, device=m.device)[0]
+    elif cfg.reference.precompute:
+        ref = model  # read before any update, so it is the starting policy
+    else:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    if not cfg.reference.precompute:
+        return ref
+    precompute_reference(ref, train_set, pad_id, cfg.reference.batch_size, m.device)
+    if eval_set is not None:
+        precompute_reference(ref, eval_set, pad_id, cfg.eval.batch_size, m.device)
+    return None  # a separately loaded reference goes out of scope here and is freed
+
+
+def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun:
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    seed_everything(cfg.train.seed)
+    run_dir = Path(cfg.output.run_dir)
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --output.run_dir"
+        )
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.policy))
+    # Data before the model: bad data fails fast, naming file, line and field.
+    train_set, eval_set, data_report = build_pair_sets(cfg, tokenizer, console=print0)
+    model = load_trained_model(cfg)
+    ref = None
+    if cfg.loss.name in NEEDS_REFERENCE:
+        ref = setup_reference(cfg, model, train_set, eval_set, tokenizer.pad_token_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    atomic_write_text(run_dir / "data_report.json", json.dumps(data_report, indent=1, ensure_ascii=False))
+    steps = total_steps(cfg, len(train_set))
+    optimizer = build_optimizer(
+        model.named_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    progress = Progress(
+        total=steps,
+        keys=("loss", "accuracy"),
+        enabled=cfg.output.progress,
+        print_every=10 if cfg.output.progress else 0,
+    )
+    run = OfflineRun(
+        cfg,
+        run_dir,
+        model,
+        ref,
+        tokenizer,
+        train_set,
+        eval_set,
+        optimizer,
+        MetricsLogger(run_dir),
+        progress,
+        steps,
+        data_report,
+    )
+    if resume:
+        _resume(run)
+    return run
+
+
+def _resume(run: OfflineRun) -> None:
+    ckpt = latest_checkpoint(run.run_dir)
+    if ckpt is None:
+        run.console(f"--resume: no checkpoint in {run.run_dir}; starting from step 0")
+        return
+    state = load_checkpoint(ckpt, run.models(), run.optimizer)
+    run.state = dict(state.get("trainer_state", {}))
+    run.start_step = int(state["step"])
+    run.logger.truncate_after(run.start_step)
+    run.console(f"resumed from {ckpt} at step {run.start_step}")
+
+
+def _eval_table(run: OfflineRun) -> str:
+    rows = [
+        ("start", run.state.get("eval_start")),
+        ("best", run.state.get("best_eval")),
+        ("final", run.state.get("eval_final")),
+    ]
+    keys = sorted({k for _, r in rows if r for k in r if k.startswith("eval/")})
+    if not keys:
+        return ""
+    lines = ["| held-out | " + " | ".join(name for name, _ in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for key in keys:
+        cells = [f"{r[key]:.4f}" if r and key in r else "" for _, r in rows]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    best = run.state.get("best_eval")
+    return "\n".join(lines) + (f"\n\nBest checkpoint: step {best['step']}." if best else "")
+
+
+def finish_offline_run(run: OfflineRun) -> dict:
+    """Close logs, export the final model (Hugging Face format) to run_dir/model, write the report and
+    summary.json; return the summary."""
+    run.progress.close()
+    run.logger.close()
+    export = run.run_dir / "model"
+    run.model.save_pretrained(export)
+    run.tokenizer.save_pretrained(export)
+    cfg = run.cfg
+    summary = {
+        "run_dir": str(run.run_dir),
+        "loss": cfg.loss.name,
+        "steps": run.total_steps,
+        "eval_start": run.state.get("eval_start"),
+        "best_eval": run.state.get("best_eval"),
+        "eval_final": run.state.get("eval_final"),
+        "data": run.data_report,
+        "model": str(export),
+    }
+    if cfg.output.report:
+        text = (
+            f"Loss `{cfg.loss.name}` (beta {cfg.loss.beta}), model `{cfg.model.policy}`, data `{cfg.data.train}`, "
+            f"{run.total_steps} steps of {cfg.train.batch_size} pairs.\n\n{_eval_table(run)}\n\n"
+            f"Data: `{json.dumps(run.data_report, ensure_ascii=False)}`\n"
+        )
+        summary["report"] = str(
+            write_run_report(
+                run.run_dir,
+                title=f"polyalign offline {cfg.loss.name} run",
+                keys=("loss", "accuracy", "eval/loss", "eval/accuracy", "grad_norm"),
+                extra_markdown=text,
+            )
+        )
+    atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    print0(f"run finished: {run.run_dir}")
+    return summary
