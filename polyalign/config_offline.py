@@ -165,6 +165,10 @@ def validate_offline(cfg: OfflineRunConfig) -> None:
         f"train.micro_batch_size must be in 0..{t.batch_size} (got {t.micro_batch_size})",
     )
     _check(t.warmup_steps >= 0 and t.max_grad_norm >= 0, "train: warmup_steps and max_grad_norm must be >= 0")
+    _check(
+        t.schedule == "constant" or t.steps == 0 or t.steps > t.warmup_steps,
+        f"train: the {t.schedule} schedule needs steps ({t.steps}) > warmup_steps ({t.warmup_steps})",
+    )
     _check(cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1")
     _check(
         cfg.eval.every >= 0 and cfg.eval.batch_size >= 1 and cfg.eval.max_pairs >= 0,

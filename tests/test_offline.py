@@ -291,6 +291,34 @@ def test_every_shipped_offline_config_loads(path):
 def test_config_errors_and_dispatch(tmp_path):
     with pytest.raises(ConfigError, match="loss.name"):
         load_offline_config(None, ["--loss.name=kto"])
+    with pytest.raises(ConfigError, match="steps .1. > warmup_steps .4."):
+        load_offline_config(ROOT / "configs" / "offline" / "dpo.yaml", ["--train.steps=1"])
     with pytest.raises(ConfigError, match="data.columns"):
         load_offline_config(None, ["--data.columns={answer: a}"])
     assert not is_offline_config(ROOT / "configs" / "quickstart.yaml")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dpo",
+        "ipo",
+        "sft",
+        "reward_model",
+        pytest.param("copg", marks=pytest.mark.slow),
+    ],  # copg re-scores 300 pairs
+)
+def test_shipped_offline_config_runs_one_step(tmp_path, name):
+    cfg = load_offline_config(
+        ROOT / "configs" / "offline" / f"{name}.yaml",
+        [
+            "--train.steps=1",
+            "--train.warmup_steps=0",
+            "--eval.max_pairs=4",
+            f"--output.run_dir={tmp_path}",
+            "--output.progress=false",
+        ],
+    )
+    summary = train_offline(cfg)
+    assert summary["data"]["train"]["pairs"] == 270 and summary["eval_final"]["eval/loss"] > 0
+    assert Path(summary["report"]).is_file()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from polyalign.config import dump_yaml
+from polyalign.config import ConfigError, dump_yaml
 from polyalign.config_offline import OfflineRunConfig
 from polyalign.models import load_policy, load_reference, load_tokenizer, resolve_model_path
 from polyalign.report import write_run_report
@@ -62,7 +62,13 @@ class OfflineRun:
 def total_steps(cfg: OfflineRunConfig, num_pairs: int) -> int:
     """train.steps, or ceil(epochs * training pairs / batch_size) when steps == 0 (derived here only)."""
     t = cfg.train
-    return t.steps if t.steps > 0 else max(1, -(-int(t.epochs * num_pairs) // t.batch_size))
+    steps = t.steps if t.steps > 0 else max(1, -(-int(t.epochs * num_pairs) // t.batch_size))
+    if t.schedule != "constant" and steps <= t.warmup_steps:
+        raise ConfigError(
+            f"train: {steps} steps ({t.epochs} epochs of {num_pairs} pairs) leave no room after "
+            f"warmup_steps={t.warmup_steps} for the {t.schedule} schedule"
+        )
+    return steps
 
 
 def load_trained_model(cfg: OfflineRunConfig) -> torch.nn.Module:
