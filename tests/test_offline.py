@@ -259,6 +259,7 @@ def test_reward_model_learns_a_separable_toy_set(tmp_path, toy):
         final["eval/accuracy"] > 0.5 and final["eval/accuracy/en"] > 0.5 and final["eval/accuracy/de"] > 0.5
     )
     assert final["eval/margin"] > summary["eval_start"]["eval/margin"]
+    assert final["eval/loss"] < 0.5 * summary["eval_start"]["eval/loss"]  # learned, not a lucky random head
     assert (tmp_path / "run" / "checkpoints" / "best").is_file() and Path(summary["report"]).is_file()
     from polyalign.rewards.model import RewardModelScorer
 
