@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _split_overrides(extra: list[str]) -> list[str]:
@@ -23,20 +24,28 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    """Online when the config has an `algo:` section (or no config), offline when it has a `loss:` section."""
     from polyalign.config import ConfigError, load_config
+    from polyalign.config_offline import is_offline_config, load_offline_config
 
+    offline = args.config is not None and Path(args.config).is_file() and is_offline_config(args.config)
     try:
-        cfg = load_config(args.config, _split_overrides(extra))
+        cfg = (load_offline_config if offline else load_config)(args.config, _split_overrides(extra))
     except ConfigError as e:
         raise SystemExit(f"polyalign train: {e}") from None
-    from polyalign.train.online import train_online
+    if offline:
+        from polyalign.train.offline import train_offline
 
-    summary = train_online(cfg, resume=args.resume)
-    start, best = summary.get("eval_start"), summary.get("best_eval")
-    if start and best:
+        summary = train_offline(cfg, resume=args.resume)
+        start, best, key = summary.get("eval_start"), summary.get("best_eval"), "eval/accuracy"
+    else:
+        from polyalign.train.online import train_online
+
+        summary = train_online(cfg, resume=args.resume)
+        start, best, key = summary.get("eval_start"), summary.get("best_eval"), "eval/reward"
+    if start and best and key in start and key in best:
         print(
-            f"held-out reward {start['eval/reward']:.3f} -> best {best['eval/reward']:.3f} "
-            f"(step {best['step']}, KL {best['eval/kl']:.2f}); report: {summary.get('report')}"
+            f"held-out {key.split('/')[1]} {start[key]:.3f} -> best {best[key]:.3f}; report: {summary.get('report')}"
         )
     return 0
 
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",
-        help="online RL from a reward (RLOO, REINFORCE, vanilla PG, PPO, RAFT, CoPG)",
+        help="train: online RL from a reward (RLOO, REINFORCE, vanilla PG, PPO, RAFT, CoPG) or, with a `loss:` config, offline from data (DPO, IPO, CoPG, SFT, reward model)",
         description="With no config: RLOO (k=4) on the built-in stories260K model against the "
         "built-in sentiment reward model. Overrides: --section.key=value.",
     )
