@@ -74,12 +74,46 @@ def _head_chunks(head: nn.Module, hidden: torch.Tensor, temperature: float):
     """Yield (row slice, float32 logits / temperature) chunk by chunk."""
     for start in range(0, hidden.shape[0], HEAD_CHUNK_ROWS):
         rows = slice(start, start + HEAD_CHUNK_ROWS)
-        yield rows, head(hidden[rows]).float() / temperature
+        logits = head(hidden[rows]).float()
+        yield rows, (logits / temperature if temperature != 1.0 else logits)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """y = l[i] - logsumexp(l) with a hand-written backward: dy/dl = onehot(i) - softmax(l).
+
+    The forward computes e = exp(l - max l) for the log-sum-exp anyway, so when a gradient is needed it keeps
+    the softmax p = e / sum(e) (instead of the logits); the backward is then -g * p plus g at index i. That is
+    about half the passes over the (rows, T, V) logits that autograd's logsumexp + gather backward makes.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        top = logits.amax(-1, keepdim=True)
+        exp = (logits - top).exp_()
+        total = exp.sum(-1, keepdim=True)
+        log_norm = (top + total.log()).squeeze(-1)
+        out = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - log_norm
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(exp.div_(total), index)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        probs, index = ctx.saved_tensors
+        grad_logits = probs * -grad.unsqueeze(-1)
+        grad_logits.scatter_add_(-1, index.unsqueeze(-1), grad.unsqueeze(-1))
+        return grad_logits, None
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[..., index] without materialising the full log-softmax: gather - logsumexp."""
-    return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    """log_softmax(logits)[..., index] without materialising the full log-softmax: gather - logsumexp.
+
+    Same value as `torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0]`; differentiable in
+    `logits` (a custom backward that touches the (..., V) tensor about half as often as autograd would).
+    """
+    if logits.is_inference():  # inference tensors cannot be saved for backward; none is needed
+        return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return _SelectiveLogSoftmax.apply(logits, index)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -156,3 +156,22 @@ def test_unsupported_configs_are_named(tiny_llama):
     peft = pytest.importorskip("peft")
     lora = peft.get_peft_model(tiny_llama, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert "not plain nn.Linear" in fast_llama.unsupported_reason(lora.get_base_model(), 16)
+
+
+def test_selective_log_softmax_value_and_gradient_match_autograd():
+    from polyalign.logprobs import selective_log_softmax
+
+    logits = (torch.randn(3, 5, 40, dtype=torch.float64) * 4).requires_grad_()
+    index, weights = torch.randint(0, 40, (3, 5)), torch.randn(3, 5, dtype=torch.float64)
+    got = selective_log_softmax(logits, index)
+    (got * weights).sum().backward()
+    grad, logits.grad = logits.grad.clone(), None
+    expected = torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0]
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(grad, logits.grad)
+    assert torch.autograd.gradcheck(
+        lambda x: selective_log_softmax(x, index), (logits.detach().requires_grad_(),)
+    )
+    with torch.inference_mode():
+        torch.testing.assert_close(selective_log_softmax(logits.detach(), index), expected.detach())

@@ -69,18 +69,21 @@ def unsupported_reason(model: nn.Module, max_len: int) -> str | None:
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """HF's RMSNorm on `norm`'s weight and epsilon, same operation order (exact)."""
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x.to(dtype)
+    """HF's RMSNorm with `norm`'s weight and epsilon (computed in float32, as HF does)."""
+    if x.dtype == torch.float32:  # one fused op instead of six
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * y.to(x.dtype)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, t, d) rotated by the angles of its positions; cos/sin (B, 1, t, d)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, t, d) rotated by the angles of its positions; cos/signed_sin (B, 1, t, d).
+
+    HF: x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]. Here [x2, x1] is a roll of x and the
+    sign sits in signed_sin = [-sin1, sin2]: the same products, since negation is exact.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 class FastLlama:
@@ -105,7 +108,8 @@ class FastLlama:
         # cos/sin of every position from the model's own rotary module (exact: elementwise per position).
         positions = torch.arange(max_len, device=weight.device)[None]
         cos, sin = backbone.rotary_emb(dummy, positions)
-        self.cos, self.sin = cos[0], sin[0]  # (max_len, d)
+        half = self.head_dim // 2
+        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)  # (max_len, d)
         shape = (len(self.layers), rows, self.n_kv, max_len, self.head_dim)
         self.k_cache = weight.new_zeros(shape)
         self.v_cache = weight.new_zeros(shape)

@@ -3,8 +3,8 @@
 Why not `generate()`: its per-step logits processors, stopping criteria and `torch.multinomial` cost time
 (1.1-1.5x slower than this loop on tiny CPU models), and it does not return the sampled tokens' log-probs,
 so trainers would need an extra forward. Here each prompt is tokenized once, left padded, prefilled once, its KV cache
-repeated n times, then decoded one token per step with exact Gumbel-max sampling from a seeded
-`torch.Generator`. The engine shares the training model, so `load_weights` has nothing to copy.
+repeated n times, then decoded one token per step with exact inverse-CDF sampling from a seeded
+`torch.Generator` (one random number per row and step). The engine shares the training model, so `load_weights` has nothing to copy.
 
 Sampling details (all documented in `Sampling`):
 - temperature 0 is greedy; recorded log-probs then use temperature 1.
@@ -69,8 +69,12 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row and return (tokens (B,), their log-probs (B,) under logits / temperature).
 
-    Gumbel-max: argmax(logits / temperature - log(-log(u))), u ~ U[0, 1), is an exact sample of the softmax
-    and cheaper than `torch.multinomial`. `uniform` (B, V) supplies u; otherwise it is drawn from `generator`.
+    Inverse-CDF sampling: with e_v = exp(l_v - max l) over the allowed tokens and C_v = e_1 + ... + e_v, the
+    token is the first v with C_v > u * C_V, u ~ U[0, 1): an exact sample of the softmax (up to float32
+    rounding of the running sum, as in `torch.multinomial`), with one random number per row instead of one
+    per vocabulary entry (Gumbel-max) and a cumulative sum instead of two logs and an argmax over the
+    vocabulary. A token of zero probability is never drawn. `uniform` (B,) supplies u; otherwise it is
+    drawn from `generator`.
     """
     logits = logits.float()
     if sampling.temperature == 0:
@@ -79,9 +83,17 @@ def sample_tokens(
     scaled = logits / sampling.temperature if sampling.temperature != 1 else logits
     filtered = filter_top_k_top_p(scaled, sampling.top_k, sampling.top_p)
     if uniform is None:
-        uniform = torch.rand(filtered.shape, generator=generator, device=filtered.device)
-    tokens = (filtered - torch.log(-torch.log(uniform))).argmax(-1)
-    return tokens, selective_log_softmax(scaled, tokens)
+        uniform = torch.rand(filtered.shape[0], generator=generator, device=filtered.device)
+    top = scaled.amax(-1, keepdim=True)  # (B, 1); the filtered maximum is the same token
+    cdf = torch.exp(filtered - top).cumsum_(-1)  # (B, V)
+    total = cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, uniform[:, None] * total, right=True).squeeze(-1)
+    tokens = tokens.clamp_(max=logits.shape[-1] - 1)  # u * C_V < C_V already; guards rounding only
+    if filtered is scaled:  # log-sum-exp of the full softmax is already at hand
+        log_norm = top.squeeze(-1) + total.squeeze(-1).log()
+    else:
+        log_norm = torch.logsumexp(scaled, dim=-1)
+    return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
 
 
 def _check_sampling(prompts: list[str], n: int, sampling: Sampling, extras: dict | None) -> None:
@@ -221,7 +233,7 @@ class HFEngine:
         for step in range(steps):
             uniform = None
             if sampling.temperature > 0:
-                uniform = torch.rand((rows, logits.shape[-1]), generator=generator, device=device)
+                uniform = torch.rand(rows, generator=generator, device=device)
                 uniform = uniform if len(live) == rows else uniform[live]
             tokens, token_logprobs = sample_tokens(logits, sampling, uniform=uniform)  # (L,), (L,)
             ids[live, step], logprobs[live, step] = tokens, token_logprobs
