@@ -1,0 +1,256 @@
+"""Generators, translators and scorers for synthesis, built from config over the eval backends.
+
+- `Generator.generate(prompts, seed) -> completions`: `LocalGenerator` (a causal LM through HFEngine, batched
+  and sampled), `ChatGenerator` (any `polyalign.eval.backends.ChatClient`: an OpenAI-compatible endpoint or a
+  local HF chat model, with retries, bounded concurrency and a request cache);
+- `Translator.translate(texts, source_languages, target) -> texts`: `PromptTranslator` (any generator asked
+  with a translation prompt) or `Seq2SeqTranslator` (NLLB or Marian through transformers);
+- `Scorer.score(prompts, completions, languages) -> [(score | None, status)]`: a reward model, the lexicon
+  or an LLM harm judge (score 1 = safe, 0 = harmful), or an LLM 1-10 rating. status "ok" | "unparseable" |
+  "not_covered"; an unscored completion is skipped by pairing and counted.
+Tests pass their own objects with these methods (scripted fakes), or a real server through `ChatGenerator`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from polyalign.data.synth.config import TRANSLATE_TEMPLATE, BackendConfig, JudgeConfig
+
+# BCP-47 -> FLORES-200 codes used by NLLB (the Aya 23 languages and a few more).
+NLLB_CODES = {
+    "ar": "arb_Arab", "bn": "ben_Beng", "cs": "ces_Latn", "de": "deu_Latn", "el": "ell_Grek", "en": "eng_Latn",
+    "es": "spa_Latn", "fa": "pes_Arab", "fil": "tgl_Latn", "fr": "fra_Latn", "he": "heb_Hebr",
+    "hi": "hin_Deva", "id": "ind_Latn", "it": "ita_Latn", "ja": "jpn_Jpan", "ko": "kor_Hang", "nl": "nld_Latn",
+    "pl": "pol_Latn", "pt": "por_Latn", "ro": "ron_Latn", "ru": "rus_Cyrl", "sr": "srp_Cyrl", "sw": "swh_Latn",
+    "th": "tha_Thai", "tr": "tur_Latn", "uk": "ukr_Cyrl", "vi": "vie_Latn", "zh": "zho_Hans",
+}  # fmt: skip
+LANGUAGE_NAMES = {
+    "ar": "Arabic", "bn": "Bengali", "cs": "Czech", "de": "German", "el": "Greek", "en": "English",
+    "es": "Spanish", "fa": "Persian", "fil": "Filipino", "fr": "French", "he": "Hebrew", "hi": "Hindi",
+    "id": "Indonesian", "it": "Italian", "ja": "Japanese", "ko": "Korean", "nl": "Dutch", "pl": "Polish",
+    "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sr": "Serbian", "sw": "Swahili", "th": "Thai",
+    "tr": "Turkish", "uk": "Ukrainian", "vi": "Vietnamese", "zh": "Chinese",
+}  # fmt: skip
+
+
+class Generator(Protocol):
+    name: str
+
+    def describe(self) -> str: ...
+
+    def generate(self, prompts: list[str], seed: int) -> list[str]: ...
+
+
+class Translator(Protocol):
+    name: str
+
+    def describe(self) -> str: ...
+
+    def translate(self, texts: list[str], source_languages: list[str], target: str) -> list[str]: ...
+
+
+class Scorer(Protocol):
+    name: str
+
+    def describe(self) -> str: ...
+
+    def score(
+        self, prompts: list[str], completions: list[str], languages: list[str]
+    ) -> list[tuple[float | None, str]]: ...
+
+
+def _resolve(path: str | None, out_dir: Path) -> Path | None:
+    return None if path is None else (Path(path) if Path(path).is_absolute() else out_dir / path)
+
+
+class LocalGenerator:
+    """A local causal LM sampled through HFEngine, one batch per call; `system` is prepended as a preamble."""
+
+    def __init__(self, cfg: BackendConfig) -> None:
+        from polyalign.models import load_policy
+        from polyalign.rollout.hf import HFEngine
+
+        model, self.tokenizer = load_policy(cfg.model)
+        self.engine, self.cfg, self.name = HFEngine(model.eval(), self.tokenizer), cfg, cfg.label
+        wants = cfg.use_chat_template
+        self.templated = (self.tokenizer.chat_template is not None) if wants is None else wants
+
+    def describe(self) -> str:
+        c = self.cfg
+        return f"local model {c.model!r} (temperature {c.temperature}, top_p {c.top_p}, {c.max_new_tokens} tokens)"
+
+    def _text(self, prompt: str) -> str:
+        from polyalign.data.chat import render_prompt
+
+        if self.templated:
+            system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+            return render_prompt(self.tokenizer, [*system, {"role": "user", "content": prompt}], True)
+        return f"{self.cfg.system}\n\n{prompt}" if self.cfg.system else prompt
+
+    def generate(self, prompts: list[str], seed: int) -> list[str]:
+        from polyalign.types import Sampling
+
+        c = self.cfg
+        sampling = Sampling(
+            max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed
+        )
+        return self.engine.generate([self._text(p) for p in prompts], 1, sampling).completions
+
+
+def chat_client(cfg: BackendConfig | JudgeConfig, out_dir: Path) -> Any:
+    """A ChatClient over an OpenAI-compatible endpoint (kind openai) or a local HF chat model (hf, hf_chat)."""
+    from polyalign.eval.backends import ChatClient, HFChatBackend, OpenAIChatBackend
+
+    if cfg.kind == "openai":
+        backend = OpenAIChatBackend(cfg.model, cfg.base_url, cfg.api_key_env, cfg.timeout_s)
+    else:
+        backend = HFChatBackend.load(cfg.model)
+    cache = _resolve(cfg.cache, out_dir)
+    return ChatClient(backend, cache, cfg.max_workers, cfg.max_retries, cfg.backoff_s)
+
+
+class ChatGenerator:
+    """Completions from any ChatClient; the system message (e.g. a safety preamble) goes first."""
+
+    def __init__(self, client: Any, cfg: BackendConfig) -> None:
+        self.client, self.cfg, self.name = client, cfg, cfg.label
+
+    def describe(self) -> str:
+        return f"{self.client.describe()} (temperature {self.cfg.temperature})"
+
+    def generate(self, prompts: list[str], seed: int) -> list[str]:
+        c = self.cfg
+        system = [{"role": "system", "content": c.system}] if c.system else []
+        requests = [[*system, {"role": "user", "content": p}] for p in prompts]
+        params = {
+            "max_tokens": c.max_new_tokens,
+            "temperature": c.temperature,
+            "top_p": c.top_p,
+            "seed": seed,
+        }
+        return self.client.complete_many(requests, params)
+
+
+class PromptTranslator:
+    """Translation by asking a generator with a translation prompt (greedy or sampled as configured)."""
+
+    def __init__(self, generator: Generator, template: str = TRANSLATE_TEMPLATE, seed: int = 0) -> None:
+        self.generator, self.template, self.seed = generator, template, seed
+        self.name = generator.name
+
+    def describe(self) -> str:
+        return f"prompted translation by {self.generator.describe()}"
+
+    def translate(self, texts: list[str], source_languages: list[str], target: str) -> list[str]:
+        requests = [
+            self.template.format(
+                text=t, language=target, language_name=LANGUAGE_NAMES.get(target, target), source_language=s
+            )
+            for t, s in zip(texts, source_languages)
+        ]
+        return [c.strip() for c in self.generator.generate(requests, self.seed)]
+
+
+class Seq2SeqTranslator:
+    """NLLB (one model, FLORES-200 language codes) or Marian (`model` may hold {src} and {tgt}, one model per
+    language pair, e.g. Helsinki-NLP/opus-mt-{src}-{tgt}) through transformers, greedy (beam search off)."""
+
+    def __init__(self, cfg: BackendConfig, device: str = "cpu") -> None:
+        self.cfg, self.name, self.device = cfg, cfg.label, device
+        self.is_nllb = "nllb" in cfg.model.lower()
+        self._loaded: dict[str, tuple[Any, Any]] = {}
+
+    def describe(self) -> str:
+        return f"seq2seq translation model {self.cfg.model!r} ({'NLLB' if self.is_nllb else 'Marian'})"
+
+    def _load(self, name: str) -> tuple[Any, Any]:
+        if name not in self._loaded:
+            from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForSeq2SeqLM.from_pretrained(name).to(self.device).eval()
+            self._loaded[name] = (model, tokenizer)
+        return self._loaded[name]
+
+    def _code(self, language: str) -> str:
+        base = language.split("-")[0]
+        if self.is_nllb and base not in NLLB_CODES:
+            raise ValueError(
+                f"NLLB translator: no FLORES-200 code for {language!r}; known: {sorted(NLLB_CODES)}"
+            )
+        return NLLB_CODES[base] if self.is_nllb else base
+
+    def _run(self, name: str, texts: list[str], source: str, target: str) -> list[str]:
+        import torch
+
+        model, tokenizer = self._load(name)
+        kwargs = {}
+        if self.is_nllb:
+            tokenizer.src_lang = self._code(source)
+            kwargs["forced_bos_token_id"] = tokenizer.convert_tokens_to_ids(self._code(target))
+        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, num_beams=1, **kwargs)
+        return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+    def translate(self, texts: list[str], source_languages: list[str], target: str) -> list[str]:
+        out: list[str | None] = [None] * len(texts)
+        for source in sorted(set(source_languages)):
+            rows = [i for i, s in enumerate(source_languages) if s == source]
+            name = self.cfg.model.format(src=self._code(source), tgt=self._code(target))
+            for i, text in zip(rows, self._run(name, [texts[i] for i in rows], source, target)):
+                out[i] = text
+        return [t or "" for t in out]
+
+
+def build_generator(cfg: BackendConfig, out_dir: Path) -> Generator:
+    if cfg.kind == "local":
+        return LocalGenerator(cfg)
+    if cfg.kind in ("openai", "hf_chat"):
+        return ChatGenerator(chat_client(cfg, out_dir), cfg)
+    raise ValueError(f"generator {cfg.label}: kind {cfg.kind!r} cannot generate completions")
+
+
+def build_translator(cfg: BackendConfig, template: str, out_dir: Path) -> Translator:
+    if cfg.kind == "seq2seq":
+        return Seq2SeqTranslator(cfg)
+    return PromptTranslator(build_generator(cfg, out_dir), template, cfg.seed)
+
+
+class JudgeScorer:
+    """Scores from a judge: a reward model (RewardFn), or a pointwise judge (kind "harm": score 1 - harmful;
+    kind "score": its number)."""
+
+    def __init__(self, judge: Any, name: str) -> None:
+        self.judge, self.name = judge, name
+
+    def describe(self) -> str:
+        return self.judge.describe() if hasattr(self.judge, "describe") else repr(self.judge)
+
+    def score(self, prompts, completions, languages) -> list[tuple[float | None, str]]:
+        if not hasattr(self.judge, "judge"):  # a RewardFn
+            return [(float(s), "ok") for s in self.judge(list(prompts), list(completions))]
+        out = []
+        for j in self.judge.judge(list(prompts), list(completions), list(languages)):
+            if j.score is None:
+                out.append((None, j.status))
+            else:
+                out.append((1.0 - j.score if self.judge.kind == "harm" else float(j.score), "ok"))
+        return out
+
+
+def build_scorer(cfg: JudgeConfig, out_dir: Path) -> Scorer:
+    if cfg.kind == "reward_model":
+        from polyalign.rewards.model import RewardModelScorer
+
+        return JudgeScorer(RewardModelScorer(cfg.model), f"reward_model:{cfg.model}")
+    if cfg.kind == "lexicon":
+        from polyalign.eval.lexicon import LexiconHarmJudge
+
+        return JudgeScorer(LexiconHarmJudge(), "lexicon-harm")
+    from polyalign.eval.judges import LLMPointwiseJudge
+
+    judge = LLMPointwiseJudge(chat_client(cfg, out_dir), cfg.mode)
+    return JudgeScorer(judge, f"{cfg.kind}:{cfg.model}:{cfg.mode}")
