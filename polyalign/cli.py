@@ -51,6 +51,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_repro(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.name == "copg-offline":
+        from polyalign.repro.copg_offline import cli_copg_offline
+
+        return cli_copg_offline(
+            out=args.out or "runs/copg-offline", steps=args.steps, seeds=args.seeds or [0], betas=None
+        )
     if args.name == "copg-bandit":
         from polyalign.repro.copg_bandit import cli_copg_bandit
 
@@ -58,7 +64,7 @@ def cmd_repro(args: argparse.Namespace, extra: list[str]) -> int:
     from polyalign.repro.back_to_basics import cli_back_to_basics
 
     return cli_back_to_basics(
-        seeds=args.seeds,
+        seeds=args.seeds or [0, 1, 2],
         steps=args.steps,
         out=args.out or "runs/back-to-basics",
         overrides=_split_overrides(extra),
@@ -92,11 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in output.run_dir")
     train.set_defaults(func=cmd_train)
     repro = sub.add_parser("repro", help="the papers' experiments in miniature")
-    repro.add_argument("name", choices=["copg-bandit", "back-to-basics"])
+    repro.add_argument("name", choices=["copg-bandit", "back-to-basics", "copg-offline"])
     repro.add_argument("--epochs", type=int, default=100, help="copg-bandit: passes over the 10^4 pairs")
     repro.add_argument("--seed", type=int, default=0, help="copg-bandit: seed")
-    repro.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="back-to-basics: seeds")
-    repro.add_argument("--steps", type=int, default=None, help="back-to-basics: rollout batches per run")
+    repro.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="seeds (back-to-basics: 0 1 2; copg-offline: 0)"
+    )
+    repro.add_argument(
+        "--steps", type=int, default=None, help="training steps per run (each repro has its default)"
+    )
     repro.add_argument("--out", default=None, help="output directory")
     repro.set_defaults(func=cmd_repro)
     ev = sub.add_parser(

@@ -50,9 +50,9 @@ class RolloutConfig:
     """hf | vllm."""
     samples_per_prompt: int = 4
     """k: completions sampled per prompt (the group size)."""
-    prompts_per_step: int = 8
+    prompts_per_step: int = 16
     """Prompts per rollout batch; the batch holds prompts_per_step * samples_per_prompt completions."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -102,9 +102,9 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 120
+    steps: int = 200
     """Rollout batches (online) to train on."""
-    lr: float = 3e-4
+    lr: float = 5e-5
     warmup_steps: int = 0
     schedule: str = "constant"
     """constant | linear | cosine (after warm-up)."""
@@ -117,18 +117,18 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = 20
+    every: int = 25
     """Evaluate every N steps (and at the end); 0 = never."""
     num_prompts: int = 32
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     run_dir: str = "runs/quickstart"
-    checkpoint_every: int = 20
+    checkpoint_every: int = 25
     keep_last: int = 2
-    sample_every: int = 20
+    sample_every: int = 25
     progress: bool = True
     report: bool = True
 

@@ -97,3 +97,7 @@ def test_every_shipped_config_loads(path):
     assert type(cfg).__name__ in ("RunConfig", "OfflineRunConfig", "EvalRunConfig")
     if isinstance(cfg, RunConfig):
         assert "loss" not in data
+
+
+def test_quickstart_file_is_the_default():
+    assert load_config(ROOT / "configs" / "quickstart.yaml") == load_config(None)

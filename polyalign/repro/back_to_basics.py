@@ -99,7 +99,7 @@ def run_method(algo: str, k: int, base: RunConfig, seed: int, steps: int, out: P
 
 def cli_back_to_basics(seeds: list[int], steps: int | None, out: str, overrides: list[str]) -> int:
     base = load_config(None, ["--algo.kl_coef=0.05", *overrides])
-    steps = steps or 48
+    steps = steps or 80
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
