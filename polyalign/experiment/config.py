@@ -116,15 +116,23 @@ def validate(cfg: ExperimentConfig) -> None:
             f"train set name {s.name!r}: use letters, digits, - _ + . only",
         )
         _check(0.0 <= s.safety_share <= 1.0, f"train set {s.name}: safety_share must be in [0, 1]")
-        _check(s.safety_label in ("all", "global", "local"), f"train set {s.name}: safety_label all|global|local")
+        _check(
+            s.safety_label in ("all", "global", "local"), f"train set {s.name}: safety_label all|global|local"
+        )
         _check(
             s.safety_share == 0 or cfg.safety.synth is not None or cfg.safety.pairs is not None,
             f"train set {s.name}: safety_share {s.safety_share} needs safety data (safety.synth or safety.pairs)",
         )
         _check(s.size >= 0, f"train set {s.name}: size must be >= 0")
     bad = [m for m in cfg.training.methods if m not in METHODS]
-    _check(bool(cfg.training.methods) and not bad, f"training.methods: {cfg.training.methods} must be from {METHODS}")
+    _check(
+        bool(cfg.training.methods) and not bad,
+        f"training.methods: {cfg.training.methods} must be from {METHODS}",
+    )
     bad = [m for m in cfg.eval.metrics if m not in METRICS]
     _check(bool(cfg.eval.metrics) and not bad, f"eval.metrics: {cfg.eval.metrics} must be from {METRICS}")
     _check(cfg.eval.harm_judge.kind in ("lexicon", "openai", "hf"), "eval.harm_judge.kind: lexicon|openai|hf")
-    _check(cfg.eval.win_judge.kind in ("reward_model", "openai", "hf"), "eval.win_judge.kind: reward_model|openai|hf")
+    _check(
+        cfg.eval.win_judge.kind in ("reward_model", "openai", "hf"),
+        "eval.win_judge.kind: reward_model|openai|hf",
+    )

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-METRIC_TITLES = {"harm": "harm rate (% harmful, lower is better)", "win_rate": "win-rate vs the starting model (%)"}
+METRIC_TITLES = {
+    "harm": "harm rate (% harmful, lower is better)",
+    "win_rate": "win-rate vs the starting model (%)",
+}
 
 Matrix = dict[str, dict[str, float | None]]  # row -> language -> value in [0, 1] or None
 
@@ -41,7 +44,9 @@ def matrix_markdown(matrix: Matrix, languages: list[str], title: str) -> str:
     for row, values in matrix.items():
         measured = [values[lang] for lang in languages if values.get(lang) is not None]
         mean = sum(measured) / len(measured) if measured else None
-        lines.append(f"| {row} | " + " | ".join(_fmt(values.get(lang)) for lang in languages) + f" | {_fmt(mean)} |")
+        lines.append(
+            f"| {row} | " + " | ".join(_fmt(values.get(lang)) for lang in languages) + f" | {_fmt(mean)} |"
+        )
     return "\n".join(lines)
 
 
@@ -54,7 +59,9 @@ def plot_heatmap(matrix: Matrix, languages: list[str], path: Path, title: str) -
     import numpy as np
 
     rows = list(matrix)
-    data = np.array([[np.nan if matrix[r][lang] is None else 100 * matrix[r][lang] for lang in languages] for r in rows])
+    data = np.array(
+        [[np.nan if matrix[r][lang] is None else 100 * matrix[r][lang] for lang in languages] for r in rows]
+    )
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(languages), 1.0 + 0.45 * len(rows)))
     image = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(languages)), languages)

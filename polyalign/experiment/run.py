@@ -112,23 +112,28 @@ def _online(cfg: ExperimentConfig, prompts: str, run_dir: Path) -> str:
     return str(export)
 
 
+def train_one(cfg: ExperimentConfig, method: str, data: str, prompts: str, root: Path) -> str:
+    """Train one method on one training set (files `data` pairs, `prompts` prompts) under `root`; returns
+    the model folder. dpo_sft first trains (or reuses) root/sft_chosen."""
+    if method == "dpo":
+        return _offline(cfg, cfg.base_model, data, "dpo", "chosen", root / "dpo")
+    if method in ("sft_random", "sft_chosen"):
+        return _offline(cfg, cfg.base_model, data, "sft", method.removeprefix("sft_"), root / method)
+    if method == "dpo_sft":
+        sft = _offline(cfg, cfg.base_model, data, "sft", "chosen", root / "sft_chosen")
+        return _offline(cfg, sft, data, "dpo", "chosen", root / "dpo_sft")
+    return _online(cfg, prompts, root / "rloo")
+
+
 def train_rows(cfg: ExperimentConfig, sets: dict[str, dict], out: Path) -> dict[str, str]:
     """{row name "<set>/<method>": trained model folder} in config order."""
-    rows: dict[str, str] = {}
-    for s in cfg.train_sets:
-        data, root = sets[s.name]["path"], out / "train" / s.name
-        sft_chosen = lambda: _offline(cfg, cfg.base_model, data, "sft", "chosen", root / "sft_chosen")
-        for method in cfg.training.methods:
-            if method == "dpo":
-                path = _offline(cfg, cfg.base_model, data, "dpo", "chosen", root / "dpo")
-            elif method in ("sft_random", "sft_chosen"):
-                path = _offline(cfg, cfg.base_model, data, "sft", method.removeprefix("sft_"), root / method)
-            elif method == "dpo_sft":
-                path = _offline(cfg, sft_chosen(), data, "dpo", "chosen", root / "dpo_sft")
-            else:
-                path = _online(cfg, sets[s.name]["prompts"], root / "rloo")
-            rows[f"{s.name}/{method}"] = path
-    return rows
+    return {
+        f"{s.name}/{method}": train_one(
+            cfg, method, sets[s.name]["path"], sets[s.name]["prompts"], out / "train" / s.name
+        )
+        for s in cfg.train_sets
+        for method in cfg.training.methods
+    }
 
 
 def _eval_prompts(cfg: ExperimentConfig):
@@ -168,12 +173,17 @@ def generate_all(cfg: ExperimentConfig, models: dict[str, str], out: Path) -> tu
         files[row] = root / row.replace("/", "__") / "completions.jsonl"
         write_jsonl_atomic(
             files[row],
-            [{"prompt": p.prompt, "language": p.language, "completion": completions[row][p.id]} for p in kept],
+            [
+                {"prompt": p.prompt, "language": p.language, "completion": completions[row][p.id]}
+                for p in kept
+            ],
         )
     return prompt_file, files
 
 
-def evaluate_rows(cfg: ExperimentConfig, prompt_file: Path, files: dict[str, Path], out: Path) -> dict[str, dict]:
+def evaluate_rows(
+    cfg: ExperimentConfig, prompt_file: Path, files: dict[str, Path], out: Path
+) -> dict[str, dict]:
     """{row: {"harm": run_eval summary, "win_rate": run_eval summary}} (win-rate against the base row)."""
     from polyalign.eval.config import EvalRunConfig, PromptSetConfig, SideConfig
     from polyalign.eval.run import run_eval
@@ -186,7 +196,11 @@ def evaluate_rows(cfg: ExperimentConfig, prompt_file: Path, files: dict[str, Pat
             if metric == "win_rate" and row == BASE_ROW:
                 continue
             judge = e.harm_judge if metric == "harm" else e.win_judge
-            baseline = SideConfig(completions=str(files[BASE_ROW]), label=BASE_ROW) if metric == "win_rate" else SideConfig()
+            baseline = (
+                SideConfig(completions=str(files[BASE_ROW]), label=BASE_ROW)
+                if metric == "win_rate"
+                else SideConfig()
+            )
             run_cfg = EvalRunConfig(
                 model=SideConfig(completions=str(path), label=row),
                 baseline=baseline,
@@ -221,13 +235,21 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     judges = sorted({s.get("judge", "") for v in results.values() for s in v.values()})
     notes = [
         f"starting model `{cfg.base_model}`; rows are <training set>/<method>; training sets: "
-        + "; ".join(f"{n}: {v['report']['total']} pairs, languages {v['report']['by_language']}, safety share "
-                    f"{v['report']['safety_share']}" for n, v in sets.items()),
+        + "; ".join(
+            f"{n}: {v['report']['total']} pairs, languages {v['report']['by_language']}, safety share "
+            f"{v['report']['safety_share']}"
+            for n, v in sets.items()
+        ),
         f"evaluation prompts: {cfg.eval.prompts}, {len(read_records(prompt_file))} prompts; judges: {judges}",
         *sorted({n for v in results.values() for s in v.values() for n in s.get("judge_notes", [])}),
     ]
     paths = write_experiment_report(matrices, languages, out, notes)
-    summary = {"models": models, "train_sets": {n: v["report"] for n, v in sets.items()}, "matrices": matrices, "report": paths}
+    summary = {
+        "models": models,
+        "train_sets": {n: v["report"] for n, v in sets.items()},
+        "matrices": matrices,
+        "report": paths,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
@@ -239,6 +261,7 @@ def cli_experiment(config_path: str | None, overrides: list[str] = ()) -> int:
     except ConfigError as err:
         raise SystemExit(f"polyalign experiment: {err}") from None
     summary = run_experiment(cfg)
-    print(f"polyalign experiment: {len(summary['models']) - 1} trained models; report: {summary['report']['md']}")
+    print(
+        f"polyalign experiment: {len(summary['models']) - 1} trained models; report: {summary['report']['md']}"
+    )
     return 0
-

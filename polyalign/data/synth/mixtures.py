@@ -25,7 +25,9 @@ from polyalign.data.io import write_jsonl_atomic
 LABELS = ("all", "global", "local")
 
 
-def mixture_counts(available_general: int, available_safety: int, safety_share: float, total: int = 0) -> tuple[int, int]:
+def mixture_counts(
+    available_general: int, available_safety: int, safety_share: float, total: int = 0
+) -> tuple[int, int]:
     """(n_general, n_safety) for a requested share (module docstring); ValueError when the data is short."""
     if not 0.0 <= safety_share <= 1.0:
         raise ValueError(f"safety_share must be in [0, 1], got {safety_share}")
@@ -93,7 +95,11 @@ def build_mixture(
         "safety_share": n_safety / size if size else None,
         "by_language": dict(sorted(Counter(p.get("language") for p in chosen).items())),
         "safety_by_label": dict(
-            sorted(Counter(p.get("global_or_local") or "unlabelled" for p in chosen if p["mixture_part"] == "safety").items())
+            sorted(
+                Counter(
+                    p.get("global_or_local") or "unlabelled" for p in chosen if p["mixture_part"] == "safety"
+                ).items()
+            )
         ),
     }
     return chosen, report
