@@ -106,14 +106,8 @@ def run_synth(
         lambda: stages.score_completions(completions, scorer, paths["scored"], cfg.batch_size, cfg.progress),
     )
     scored = read_stage(paths["scored"])
-    pairs, pair_counts = stages.build_pairs(scored, cfg.pairs.min_margin)
-    write_jsonl_atomic(out / "pairs.jsonl", pairs)
-    f = cfg.filter
-    final, filter_counts = stages.filter_pairs(pairs, f.language_mismatch, f.dedupe, f.max_chars)
-    write_jsonl_atomic(out / "final.jsonl", final)
+    final = pair_and_filter(cfg, scored, summary)
     summary.update(_counts(prompts, completions, scored, final))
-    summary["stages"]["pair"] = dict(pair_counts)
-    summary["stages"]["filter"] = dict(filter_counts)
     summary["backends"] = {
         "translator": translator.describe() if translator else None,
         "generators": {g.name: g.describe() for g in generators},
@@ -122,6 +116,18 @@ def run_synth(
     summary["final"] = str(out / "final.jsonl")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
+
+
+def pair_and_filter(cfg: SynthConfig, scored: list[dict], summary: dict) -> list[dict]:
+    """The pure stages: pairs.jsonl and final.jsonl (each rewritten atomically); counts go into summary."""
+    out = Path(cfg.out_dir)
+    pairs, pair_counts = stages.build_pairs(scored, cfg.pairs.min_margin)
+    write_jsonl_atomic(out / "pairs.jsonl", pairs)
+    f = cfg.filter
+    final, filter_counts = stages.filter_pairs(pairs, f.language_mismatch, f.dedupe, f.max_chars)
+    write_jsonl_atomic(out / "final.jsonl", final)
+    summary["stages"]["pair"], summary["stages"]["filter"] = dict(pair_counts), dict(filter_counts)
+    return final
 
 
 def _counts(prompts: list[dict], completions: list[dict], scored: list[dict], final: list[dict]) -> dict:
