@@ -352,3 +352,9 @@ def test_cli_synth_with_local_models(tmp_path, capsys):
     assert all(
         p["chosen_score"] > p["rejected_score"] and p["judge"].startswith("reward_model") for p in final
     )
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "synth").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_synth_config_loads(path):
+    cfg = load_config(path, cls=SynthConfig)
+    assert len(cfg.generators) >= 2
