@@ -83,6 +83,18 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return cli_serve(args)
 
 
+def cmd_synth(args: argparse.Namespace, extra: list[str]) -> int:
+    from polyalign.data.synth.pipeline import cli_synth
+
+    return cli_synth(args.config, _split_overrides(extra))
+
+
+def cmd_experiment(args: argparse.Namespace, extra: list[str]) -> int:
+    from polyalign.experiment.run import cli_experiment
+
+    return cli_experiment(args.config, _split_overrides(extra))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polyalign", description="Align language models with rewards and preferences."

@@ -76,12 +76,17 @@ def test_dump_round_trip(tmp_path):
 
 
 def load_any(path: Path):
-    """Each family of configs with its own loader: eval/, offline (a `loss:` section), online (the rest)."""
+    """Each family of configs with its own loader: eval/, synth/, experiment/, offline (a `loss:` section),
+    online (the rest)."""
     from polyalign.config_offline import is_offline_config, load_offline_config
     from polyalign.eval.config import EvalRunConfig
 
-    if path.parent.name == "eval":
-        return load_config(path, cls=EvalRunConfig)
+    from polyalign.data.synth.config import SynthConfig
+    from polyalign.experiment.config import ExperimentConfig
+
+    special = {"eval": EvalRunConfig, "synth": SynthConfig, "experiment": ExperimentConfig}
+    if path.parent.name in special:
+        return load_config(path, cls=special[path.parent.name])
     if is_offline_config(path):
         return load_offline_config(path)
     return load_config(path)
@@ -94,7 +99,13 @@ def test_every_shipped_config_loads(path):
     data = yaml.safe_load(path.read_text())
     assert isinstance(data, dict)
     cfg = load_any(path)
-    assert type(cfg).__name__ in ("RunConfig", "OfflineRunConfig", "EvalRunConfig")
+    assert type(cfg).__name__ in (
+        "RunConfig",
+        "OfflineRunConfig",
+        "EvalRunConfig",
+        "SynthConfig",
+        "ExperimentConfig",
+    )
     if isinstance(cfg, RunConfig):
         assert "loss" not in data
 
