@@ -322,3 +322,21 @@ def load_checkpoint(
         _restore_rng(torch.load(ckpt / "rng.pt", weights_only=True))
     state["path"] = str(ckpt)
     return state
+
+
+def resume_run(run) -> bool:
+    """Continue a run object (online or offline) from its latest checkpoint, in place.
+
+    The run must have run_dir, models(), optimizer, logger and console(); its state and start_step are set
+    from the checkpoint and metric lines past that step are dropped. False when there is nothing to resume.
+    """
+    ckpt = latest_checkpoint(run.run_dir)
+    if ckpt is None:
+        run.console(f"--resume: no checkpoint in {run.run_dir}; starting from step 0")
+        return False
+    state = load_checkpoint(ckpt, run.models(), run.optimizer)
+    run.state = dict(state.get("trainer_state", {}))
+    run.start_step = int(state["step"])
+    run.logger.truncate_after(run.start_step)
+    run.console(f"resumed from {ckpt} at step {run.start_step}")
+    return True

@@ -17,7 +17,7 @@ from polyalign.config import ConfigError, dump_yaml
 from polyalign.config_offline import OfflineRunConfig
 from polyalign.models import load_policy, load_reference, load_tokenizer, resolve_model_path
 from polyalign.report import write_run_report
-from polyalign.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint
+from polyalign.train.checkpoint import atomic_write_text, latest_checkpoint, resume_run
 from polyalign.train.logging import MetricsLogger, Progress, print0
 from polyalign.train.loop import build_optimizer, seed_everything
 from polyalign.train.offline_batches import precompute_reference
@@ -145,20 +145,8 @@ def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun
         data_report,
     )
     if resume:
-        _resume(run)
+        resume_run(run)
     return run
-
-
-def _resume(run: OfflineRun) -> None:
-    ckpt = latest_checkpoint(run.run_dir)
-    if ckpt is None:
-        run.console(f"--resume: no checkpoint in {run.run_dir}; starting from step 0")
-        return
-    state = load_checkpoint(ckpt, run.models(), run.optimizer)
-    run.state = dict(state.get("trainer_state", {}))
-    run.start_step = int(state["step"])
-    run.logger.truncate_after(run.start_step)
-    run.console(f"resumed from {ckpt} at step {run.start_step}")
 
 
 def _eval_table(run: OfflineRun) -> str:

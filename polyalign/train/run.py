@@ -23,8 +23,8 @@ from polyalign.rollout import build_engine
 from polyalign.train.checkpoint import (
     atomic_write_text,
     latest_checkpoint,
-    load_checkpoint,
     mark_best,
+    resume_run,
     save_checkpoint,
 )
 from polyalign.train.logging import MetricsLogger, Progress, print0
@@ -137,16 +137,8 @@ def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _resume(run: Run) -> None:
-    ckpt = latest_checkpoint(run.run_dir)
-    if ckpt is None:
-        run.console(f"--resume: no checkpoint in {run.run_dir}; starting from step 0")
-        return
-    state = load_checkpoint(ckpt, run.models(), run.optimizer)
-    run.state = dict(state.get("trainer_state", {}))
-    run.start_step = int(state["step"])
-    run.logger.truncate_after(run.start_step)
-    run.engine.load_weights(run.policy)
-    run.console(f"resumed from {ckpt} at step {run.start_step}")
+    if resume_run(run):
+        run.engine.load_weights(run.policy)
 
 
 def maybe_checkpoint(run: Run, step: int) -> None:
