@@ -3,12 +3,13 @@
 The only place that runs a model forward for training (policy, reference and value model). It knows
 token ids and masks, not losses, rewards or text.
 
-Layout handled here: prompts padded on the LEFT or the RIGHT (any 0/1 mask; real tokens are moved to the
-right end of the prompt block first), completions padded on the RIGHT. Positions are
+Layout handled here: prompts padded on the LEFT or the RIGHT (any 0/1 mask), completions padded on the
+RIGHT. Each row's real prompt and completion tokens are packed to the right end of one left-padded block as
+wide as the longest row (no compute on padding between a short prompt and the completion). Positions are
 `cumsum(attention_mask) - 1`, so padding never shifts a token's position. Only the hidden states that
-predict completion tokens go through the output head, and the log-softmax is "selective": a logsumexp over
-the vocabulary and a gather of one entry, chunked over rows, so the full (B, T, V) log-softmax is never
-materialised.
+predict real completion tokens go through the output head, and the log-softmax is "selective": a logsumexp
+over the vocabulary and a gather of one entry (with a hand-written backward), chunked, so the full
+(B, T, V) log-softmax is never materialised.
 
 Shapes: prompt_ids/prompt_mask (B, Tp), completion_ids/completion_mask (B, T), outputs (B, T) or (B,).
 """
@@ -18,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Rows of hidden states sent through the output head at once; bounds the (rows, T, V) logits in memory.
+# Sequences' worth of completion tokens sent through the output head at once (HEAD_CHUNK_ROWS * T tokens);
+# bounds the logits held in memory.
 HEAD_CHUNK_ROWS = 8
 
 
@@ -54,26 +56,39 @@ def _completion_hidden(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Hidden states (B, T, H) at the positions that predict each completion token."""
+    """Hidden states (B, T, H) at the positions that predict each completion token.
+
+    Each row's real tokens (prompt, then completion but its last token) are packed to the right end of one
+    left-padded block whose width is the longest row, not the longest prompt plus the longest completion,
+    so no position is computed for padding between a short prompt or completion and the next row's width.
+    Rows in the padding of completion_mask read an arbitrary real position (callers mask them).
+    """
     _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    prompt_ids, prompt_mask = left_align(prompt_ids, prompt_mask)
-    if bool((prompt_mask.sum(1) == 0).any()):
+    prompt_lengths = prompt_mask.sum(1)  # (B,)
+    if bool((prompt_lengths == 0).any()):
         raise ValueError("every row needs at least one real prompt token (prompt_mask row of all zeros)")
     num_tokens = completion_ids.shape[1]
     # The last completion token predicts nothing we score, so it is not fed in.
-    input_ids = torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1).long()
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ids, mask = left_align(
+        torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1),
+        torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1).long(),
     )
-    return out.last_hidden_state[:, -num_tokens:]
+    lengths = mask.sum(1)  # (B,) real tokens fed per row
+    width = int(lengths.max())
+    ids, mask = ids[:, -width:], mask[:, -width:]
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    out = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    # Completion token j of row i is predicted at column width - lengths_i + prompt_lengths_i - 1 + j.
+    first = width - lengths + prompt_lengths - 1  # (B,)
+    columns = (first[:, None] + torch.arange(num_tokens, device=ids.device)).clamp(max=width - 1)  # (B, T)
+    hidden = out.last_hidden_state
+    return hidden.gather(1, columns[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _head_chunks(head: nn.Module, hidden: torch.Tensor, temperature: float):
-    """Yield (row slice, float32 logits / temperature) chunk by chunk."""
-    for start in range(0, hidden.shape[0], HEAD_CHUNK_ROWS):
-        rows = slice(start, start + HEAD_CHUNK_ROWS)
+def _head_chunks(head: nn.Module, hidden: torch.Tensor, temperature: float, chunk: int):
+    """Yield (row slice, float32 logits / temperature), `chunk` rows of `hidden` at a time."""
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
         logits = head(hidden[rows]).float()
         yield rows, (logits / temperature if temperature != 1.0 else logits)
 
@@ -148,14 +163,21 @@ def completion_logprobs_and_entropy(
         return empty, (empty if with_entropy else None)
     hidden = _completion_hidden(model.base_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     head = model.get_output_embeddings()
+    mask = completion_mask.bool()
+    # Only real completion tokens go through the head: (N, H) with N = mask.sum() <= B * T.
+    hidden_n, ids_n = hidden[mask], completion_ids[mask]
     logprobs, entropies = [], []
-    for rows, logits in _head_chunks(head, hidden, temperature):
-        logprobs.append(selective_log_softmax(logits, completion_ids[rows]))
+    for rows, logits in _head_chunks(head, hidden_n, temperature, HEAD_CHUNK_ROWS * num_tokens):
+        logprobs.append(selective_log_softmax(logits, ids_n[rows]))
         if with_entropy:
             entropies.append(_entropy(logits))
-    mask = completion_mask.bool()
-    logprobs_bt = torch.cat(logprobs).masked_fill(~mask, 0.0)  # (B, T)
-    entropy_bt = torch.cat(entropies).masked_fill(~mask, 0.0) if with_entropy else None
+    zeros = hidden.new_zeros((batch, num_tokens), dtype=torch.float32)
+    logprobs_bt = (
+        zeros.masked_scatter(mask, torch.cat(logprobs)) if logprobs else zeros
+    )  # (B, T), 0 on padding
+    entropy_bt = None
+    if with_entropy:
+        entropy_bt = zeros.masked_scatter(mask, torch.cat(entropies)) if entropies else zeros
     return logprobs_bt, entropy_bt
 
 
