@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",
-        help="train: online RL from a reward (RLOO, REINFORCE, vanilla PG, PPO, RAFT, CoPG) or, with a `loss:` config, offline from data (DPO, IPO, CoPG, SFT, reward model)",
+        help="online RL from a reward (RLOO, REINFORCE, vanilla PG, PPO, RAFT, CoPG) or, with a `loss:` "
+        "config, offline from data (DPO, IPO, CoPG, SFT, reward model)",
         description="With no config: RLOO (k=4) on the built-in stories260K model against the "
         "built-in sentiment reward model. Overrides: --section.key=value.",
     )
@@ -126,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("config", help="YAML eval config (see configs/eval/)")
     ev.set_defaults(func=cmd_eval)
+    syn = sub.add_parser(
+        "synth", help="multilingual preference data: translate, generate, score, pair, filter"
+    )
+    syn.add_argument("config", help="YAML synth config (see configs/synth/)")
+    syn.set_defaults(func=cmd_synth)
+    exp = sub.add_parser(
+        "experiment", help="cross-lingual transfer: synth or data -> train -> evaluate per language"
+    )
+    exp.add_argument("config", help="YAML experiment config (see configs/experiment/)")
+    exp.set_defaults(func=cmd_experiment)
     srv = sub.add_parser(
         "serve", help="an OpenAI-compatible /v1/chat/completions server over any loadable model"
     )
