@@ -32,9 +32,15 @@ LIBS = ("trl", "polyalign")
 
 
 def run_interleaved(
-    workload: str, size: str, repeats: int, extra: dict[str, list[str]], libs: tuple[str, ...] = LIBS
+    workload: str,
+    size: str,
+    repeats: int,
+    extra: dict[str, list[str]],
+    libs: tuple[str, ...] = LIBS,
+    partial: Path | None = None,
 ) -> list[dict]:
-    """`repeats` rounds of one TRL run then one polyalign run; returns every result line in run order."""
+    """`repeats` rounds of one TRL run then one polyalign run; returns every result line in run order
+    (also rewritten to `partial` after each run, so a crash keeps what was measured)."""
     results = []
     for round_ in range(repeats):
         for lib in libs:
@@ -43,6 +49,8 @@ def run_interleaved(
             result = common.run_isolated(str(HERE / SCRIPTS[(lib, workload)]), args)
             result["round"], result["load_before"] = round_, load_before
             results.append(result)
+            if partial is not None:
+                partial.write_text(json.dumps({"runs": results}, indent=1))
             print(
                 f"  round {round_ + 1}/{repeats} {lib:9s} {result['median_s_per_step']:.3f} s/step "
                 f"(load {load_before} -> {result['load']})",
@@ -62,7 +70,7 @@ def summarize(results: list[dict]) -> dict:
         runs = [r for r in results if r["lib"] == lib]
         if not runs:
             continue
-        rate_key = "gen_tokens_per_s" if "gen_tokens_per_s" in runs[0] else "train_tokens_per_s"
+        rate_key = "gen_tokens_per_s" if runs[0].get("gen_tokens_per_s") is not None else "train_tokens_per_s"
         phases = sorted({p for r in runs for p in r["breakdown_s"]}, key=_phase_order)
         out[lib] = {
             "median_s_per_step": _median(runs, "median_s_per_step"),
@@ -127,11 +135,11 @@ def main() -> None:
     libs = (args.only,) if args.only else LIBS
     print(f"{args.workload} {args.size}: {args.repeats} interleaved rounds, load {os.getloadavg()[0]:.2f}")
     extra = {"polyalign": args.polyalign_args.split()}
-    results = run_interleaved(args.workload, args.size, args.repeats, extra, libs)
-    summary = summarize(results)
-    print_table(summary, args.workload, args.size)
     out = args.out or HERE / "results" / f"{args.workload}_{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    results = run_interleaved(args.workload, args.size, args.repeats, extra, libs, partial=out)
+    summary = summarize(results)
+    print_table(summary, args.workload, args.size)
     out.write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
     print(f"\nwrote {out}")
 

@@ -1,10 +1,12 @@
 """HFEngine: our own KV-cache decode loop over a transformers causal LM (no `model.generate()`).
 
-Why not `generate()`: its per-step logits processors, stopping criteria and `torch.multinomial` cost time
-(1.1-1.5x slower than this loop on tiny CPU models), and it does not return the sampled tokens' log-probs,
-so trainers would need an extra forward. Here each prompt is tokenized once, left padded, prefilled once, its KV cache
-repeated n times, then decoded one token per step with exact inverse-CDF sampling from a seeded
-`torch.Generator` (one random number per row and step). The engine shares the training model, so `load_weights` has nothing to copy.
+Why not `generate()`: its per-step logits processors, stopping criteria and `torch.multinomial` cost time,
+and it does not return the sampled tokens' log-probs, so trainers would need an extra forward. Here each
+prompt is tokenized once, left padded, prefilled once, its KV cache repeated n times, then decoded one token
+per step with exact inverse-CDF sampling from a seeded `torch.Generator` (one random number per row and
+step). Llama-family models (llama, mistral, qwen2) run on `fast_llama` (same logits as the HF forward, a
+static KV cache, far fewer Python-level ops per token); others, or `fast_decode=False`, on the HF forward.
+The engine shares the training model, so `load_weights` has nothing to copy.
 
 Sampling details (all documented in `Sampling`):
 - temperature 0 is greedy; recorded log-probs then use temperature 1.
