@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from polyalign.config import RunConfig, load_config
+from polyalign.eval.metrics import bootstrap_interval
 
 BUDGET_PER_STEP = 32  # completions per rollout batch, identical for every method
 METHODS = {  # name -> (algorithm, samples per prompt)
@@ -76,10 +77,9 @@ def greedy_eval(policy, ref, tokenizer, score, prompts: list[str], max_new_token
 
 
 def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values` (resampled over prompts x seeds)."""
     x = torch.tensor(values, dtype=torch.float64)
-    idx = torch.randint(0, len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))
-    means = x[idx].mean(-1)
-    return float(means.quantile(0.025)), float(means.quantile(0.975))
+    return bootstrap_interval(lambda idx: x[idx].mean(-1), len(x), n_resamples=n_boot, seed=seed)
 
 
 def run_method(algo: str, k: int, base: RunConfig, seed: int, steps: int, out: Path) -> dict:

@@ -340,3 +340,14 @@ def resume_run(run) -> bool:
     run.logger.truncate_after(run.start_step)
     run.console(f"resumed from {ckpt} at step {run.start_step}")
     return True
+
+
+def claim_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path:
+    """The run directory, created; refuses to start a fresh run over one that already holds checkpoints."""
+    run_dir = Path(run_dir)
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --output.run_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir

@@ -17,7 +17,7 @@ from polyalign.config import ConfigError, dump_yaml
 from polyalign.config_offline import OfflineRunConfig
 from polyalign.models import load_policy, load_reference, load_tokenizer, resolve_model_path
 from polyalign.report import write_run_report
-from polyalign.train.checkpoint import atomic_write_text, latest_checkpoint, resume_run
+from polyalign.train.checkpoint import atomic_write_text, claim_run_dir, resume_run
 from polyalign.train.logging import MetricsLogger, Progress, print0
 from polyalign.train.loop import build_optimizer, seed_everything
 from polyalign.train.offline_batches import precompute_reference
@@ -105,11 +105,7 @@ def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     seed_everything(cfg.train.seed)
-    run_dir = Path(cfg.output.run_dir)
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --output.run_dir"
-        )
+    run_dir = claim_run_dir(cfg.output.run_dir, resume)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.policy))
     # Data before the model: bad data fails fast, naming file, line and field.
     train_set, eval_set, data_report = build_pair_sets(cfg, tokenizer, console=print0)
@@ -117,7 +113,6 @@ def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun
     ref = None
     if cfg.loss.name in NEEDS_REFERENCE:
         ref = setup_reference(cfg, model, train_set, eval_set, tokenizer.pad_token_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     atomic_write_text(run_dir / "data_report.json", json.dumps(data_report, indent=1, ensure_ascii=False))
     steps = total_steps(cfg, len(train_set))

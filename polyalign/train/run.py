@@ -22,7 +22,7 @@ from polyalign.rewards import build_reward, score_all
 from polyalign.rollout import build_engine
 from polyalign.train.checkpoint import (
     atomic_write_text,
-    latest_checkpoint,
+    claim_run_dir,
     mark_best,
     resume_run,
     save_checkpoint,
@@ -72,12 +72,7 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     seed_everything(cfg.train.seed)
-    run_dir = Path(cfg.output.run_dir)
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --output.run_dir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_run_dir(cfg.output.run_dir, resume)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
     policy, tokenizer = load_policy(
