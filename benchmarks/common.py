@@ -154,3 +154,24 @@ def run_isolated(script: str, args: list[str], timeout_s: float = 1800) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return parse_result(proc.stdout)
+
+
+def run_timed_steps(step_fn, steps: int, timer, profile_step: int | None = None) -> None:
+    """Call step_fn(step) for each step between timer.begin_step() and timer.end_step(); with profile_step,
+    print a torch.profiler operator table of that step to stderr."""
+    import sys
+
+    import torch
+
+    for step in range(steps):
+        profiler = None
+        if step == profile_step:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            profiler.__enter__()
+        timer.begin_step()
+        step_fn(step)
+        timer.end_step()
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            print(f"torch.profiler, optimizer step {step}:\n{table}", file=sys.stderr)

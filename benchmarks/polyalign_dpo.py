@@ -112,7 +112,6 @@ def instrument(run, timer: common.PhaseTimer) -> None:
 
 
 def run_benchmark(size: str, steps: int, threads: int, profile_step: int | None) -> dict:
-    import torch
 
     from polyalign.train import offline
 
@@ -120,18 +119,7 @@ def run_benchmark(size: str, steps: int, threads: int, profile_step: int | None)
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(size, steps, threads, tmp)
         instrument(run, timer)
-        for step in range(steps):
-            profiler = None
-            if step == profile_step:
-                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-                profiler.__enter__()
-            timer.begin_step()
-            offline.train_step(run, step)
-            timer.end_step()
-            if profiler is not None:
-                profiler.__exit__(None, None, None)
-                table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-                print(f"torch.profiler, optimizer step {step}:\n{table}", file=sys.stderr)
+        common.run_timed_steps(lambda step: offline.train_step(run, step), steps, timer, profile_step)
     summary = timer.summary(wl.WARMUP_STEPS)
     tokens = timer.median_count("policy_forward_tokens", wl.WARMUP_STEPS)
     return {

@@ -120,7 +120,6 @@ def instrument(run, timer: common.PhaseTimer) -> None:
 
 
 def run_benchmark(size: str, steps: int, threads: int, engine_path: str, profile_step: int | None) -> dict:
-    import torch
 
     from polyalign.train import online
 
@@ -128,18 +127,7 @@ def run_benchmark(size: str, steps: int, threads: int, engine_path: str, profile
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(size, steps, threads, tmp, engine_path)
         instrument(run, timer)
-        for step in range(steps):
-            profiler = None
-            if step == profile_step:
-                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-                profiler.__enter__()
-            timer.begin_step()
-            online.train_step(run, step)
-            timer.end_step()
-            if profiler is not None:
-                profiler.__exit__(None, None, None)
-                table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-                print(f"torch.profiler, optimizer step {step}:\n{table}", file=sys.stderr)
+        common.run_timed_steps(lambda step: online.train_step(run, step), steps, timer, profile_step)
     summary = timer.summary(wl.WARMUP_STEPS)
     tokens = timer.median_count("generated_tokens", wl.WARMUP_STEPS)
     return {
