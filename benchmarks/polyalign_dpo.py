@@ -18,7 +18,6 @@ Run (one run per process, so peak RSS is this run's):
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -136,16 +135,7 @@ def run_benchmark(size: str, steps: int, threads: int, profile_step: int | None)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="polyalign DPO speed benchmark (BENCHMARKS.md workload)")
-    parser.add_argument("--size", choices=sorted(wl.MODEL_SIZES), default="tiny")
-    parser.add_argument("--steps", type=int, default=wl.STEPS)
-    parser.add_argument("--threads", type=int, default=wl.NUM_THREADS)
-    parser.add_argument(
-        "--torch-profile", type=int, metavar="STEP", help="profile this step (0-based) to stderr"
-    )
-    args = parser.parse_args()
-    if args.steps <= wl.WARMUP_STEPS:
-        parser.error(f"--steps must exceed the {wl.WARMUP_STEPS} warm-up steps")
+    args = wl.benchmark_args("polyalign DPO speed benchmark (BENCHMARKS.md workload)")
     common.emit(run_benchmark(args.size, args.steps, args.threads, args.torch_profile))
 
 

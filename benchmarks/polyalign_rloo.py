@@ -18,7 +18,6 @@ Run (one run per process, so peak RSS is this run's):
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -144,17 +143,12 @@ def run_benchmark(size: str, steps: int, threads: int, engine_path: str, profile
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="polyalign RLOO speed benchmark (BENCHMARKS.md workload)")
-    parser.add_argument("--size", choices=sorted(wl.MODEL_SIZES), default="tiny")
-    parser.add_argument("--steps", type=int, default=wl.STEPS)
-    parser.add_argument("--threads", type=int, default=wl.NUM_THREADS)
-    parser.add_argument("--decode", choices=("fast", "hf"), default="fast", help="decode path of HFEngine")
-    parser.add_argument(
-        "--torch-profile", type=int, metavar="STEP", help="profile this step (0-based) to stderr"
+    args = wl.benchmark_args(
+        "polyalign RLOO speed benchmark (BENCHMARKS.md workload)",
+        lambda p: p.add_argument(
+            "--decode", choices=("fast", "hf"), default="fast", help="decode path of HFEngine"
+        ),
     )
-    args = parser.parse_args()
-    if args.steps <= wl.WARMUP_STEPS:
-        parser.error(f"--steps must exceed the {wl.WARMUP_STEPS} warm-up steps")
     common.emit(run_benchmark(args.size, args.steps, args.threads, args.decode, args.torch_profile))
 
 

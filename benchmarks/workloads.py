@@ -254,3 +254,21 @@ if __name__ == "__main__":
         build_assets()
     else:
         parser.print_help()
+
+
+def benchmark_args(description: str, extra=None) -> argparse.Namespace:
+    """The command line every benchmark script shares (--size, --steps, --threads, --torch-profile); `extra`
+    adds script-specific options to the parser."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", choices=sorted(MODEL_SIZES), default="tiny")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--threads", type=int, default=NUM_THREADS)
+    parser.add_argument(
+        "--torch-profile", type=int, metavar="STEP", help="profile this step (0-based) to stderr"
+    )
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    if args.steps <= WARMUP_STEPS:
+        parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
+    return args
