@@ -19,6 +19,19 @@ ONLINE_ALGORITHMS = ("rloo", "reinforce", "vanilla_pg", "ppo", "raft", "copg")
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA through peft: only the adapter trains; the reference is the base with the adapter disabled."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    """Module names to adapt, or "all-linear" (every linear layer but the output head)."""
+    save: str = "adapter"
+    """What checkpoints hold: adapter (adapter weights only) | merged (base + adapter folded in) | both."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     policy: str = "stories260K"
     """Policy to train: a built-in short name, a local directory or a Hugging Face hub id."""
@@ -30,6 +43,11 @@ class ModelConfig:
     device: str = "cpu"
     threads: int = 0
     """torch.set_num_threads on CPU; 0 = leave torch's default."""
+    parallel: str = "ddp"
+    """Under torchrun (more than one process): ddp (replicated weights, averaged gradients) | fsdp (FSDP2
+    `fully_shard`: weights, gradients and optimizer state sharded across processes). Ignored in one process."""
+    lora: LoraConfig | None = None
+    """None = train every weight; a mapping (e.g. {r: 16}) = LoRA adapters through peft."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,16 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class VLLMConfig:
+    gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory vLLM may take (weights + KV cache); training uses the rest (colocated)."""
+    enforce_eager: bool = False
+    """True skips CUDA-graph capture (faster start, slower decode)."""
+    max_model_len: int = 0
+    """Longest prompt + completion vLLM plans for; 0 = the model's own context length."""
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     engine: str = "hf"
     """hf | vllm."""
@@ -57,6 +85,8 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     stop_strings: list[str] = field(default_factory=list)
+    vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig())
+    """Options of the vLLM engine (rollout.engine: vllm)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +128,11 @@ class AlgoConfig:
     value_clip_eps: float | None = 0.2
     value_model: str | None = None
     """ppo: critic initialisation; None = the policy's weights with a fresh scalar head."""
+    importance_correction: str = "none"
+    """none | tis: multiply each completion's advantage by min(pi_train / pi_sampler, importance_cap), the
+    sequence-level truncated importance weight that corrects a rollout engine whose log-probs differ from
+    the trainer's (vLLM, bf16). The mismatch itself is logged every step either way."""
+    importance_cap: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +236,27 @@ def validate(cfg: RunConfig) -> None:
         f"model.dtype: {cfg.model.dtype!r} not in float32|bfloat16|float16",
     )
     _check(bool(cfg.reward.functions), "reward.functions: give at least one reward")
+    _check(
+        a.importance_correction in ("none", "tis") and a.importance_cap >= 1.0,
+        f"algo.importance_correction: {a.importance_correction!r} not in none|tis (importance_cap >= 1)",
+    )
+    _check(
+        0 < r.vllm.gpu_memory_utilization < 1 and r.vllm.max_model_len >= 0,
+        "rollout.vllm: need 0 < gpu_memory_utilization < 1 and max_model_len >= 0",
+    )
+    validate_model(cfg.model)
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Checks shared by online and offline configs."""
+    _check(m.parallel in ("ddp", "fsdp"), f"model.parallel: {m.parallel!r} not in ddp|fsdp")
+    if m.lora is not None:
+        _check(m.lora.r >= 1 and m.lora.alpha > 0, "model.lora: need r >= 1 and alpha > 0")
+        _check(0 <= m.lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {m.lora.dropout}")
+        _check(
+            m.lora.save in ("adapter", "merged", "both"),
+            f"model.lora.save: {m.lora.save!r} not in adapter|merged|both",
+        )
 
 
 def _check(ok: bool, message: str) -> None:

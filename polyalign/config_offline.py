@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from polyalign.config import ConfigError, ModelConfig, OutputConfig, load_config
+from polyalign.config import ConfigError, ModelConfig, OutputConfig, load_config, validate_model
 
 OFFLINE_LOSSES = ("dpo", "ipo", "copg", "sft", "reward_model")
 COLUMN_NAMES = ("prompt", "chosen", "rejected", "conversations", "completion", "reward", "language")
@@ -175,6 +175,7 @@ def validate_offline(cfg: OfflineRunConfig) -> None:
         "eval: need every >= 0, batch_size >= 1, max_pairs >= 0",
     )
     _check(cfg.output.keep_last >= 1, "output.keep_last must be >= 1")
+    validate_model(cfg.model)
 
 
 def load_offline_config(path: str | Path | None = None, overrides: list[str] = ()) -> OfflineRunConfig:

@@ -29,6 +29,11 @@ class Sampling:
     top_k: int = 0  # 0 = off
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    row_offset: int = 0
+    """Index of this call's first row in the whole batch when the batch is split across processes."""
+    total_rows: int | None = None
+    """Rows of the whole batch (None = this call's rows). With `row_offset`, row i's random numbers are those
+    of row row_offset + i in one unsplit call, so completions do not depend on the process count."""
 
 
 @dataclass(frozen=True)
