@@ -36,8 +36,11 @@ class Engine(Protocol):
         ...
 
 
-def build_engine(name: str, model: Any, tokenizer: Any) -> Engine:
-    """Build the engine registered under `name` (see ENGINES) for this model and tokenizer."""
+def build_engine(name: str, model: Any, tokenizer: Any, **options: Any) -> Engine:
+    """Build the engine registered under `name` (see ENGINES) for this model and tokenizer.
+
+    `options` go to the engine's constructor (e.g. the fields of `rollout.vllm` for the vLLM engine).
+    """
     if name not in ENGINES:
         raise ValueError(f"unknown rollout engine {name!r}; choose one of {sorted(ENGINES)}")
     module_name, class_name = ENGINES[name].split(":")
@@ -54,4 +57,4 @@ def build_engine(name: str, model: Any, tokenizer: Any) -> Engine:
                 f"rollout engine {name!r} is not available: {module_name} is missing{hint}"
             ) from err
         raise
-    return getattr(module, class_name)(model, tokenizer)
+    return getattr(module, class_name)(model, tokenizer, **options)

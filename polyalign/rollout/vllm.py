@@ -1,0 +1,430 @@
+"""VLLMEngine: rollouts from vLLM running inside the trainer's process, on the trainer's GPU (colocated).
+
+vLLM (>= 0.10, the V1 engine) is an optional extra, `pip install 'polyalign[vllm]'` on a CUDA machine; it is
+imported when an engine is built, never by `import polyalign`. The engine meets the contract of `HFEngine`
+(rollout/hf.py), so trainers cannot tell the two apart:
+- prompts are tokenized by our tokenizer exactly as HFEngine does (same ids, same left padding); vLLM is
+  handed the token ids, never the text.
+- every row is its own request (n=1) with its own seed, a hash of (sampling.seed, row_offset + row), so a
+  row's completion does not depend on the other rows or on how a batch is split across processes.
+  Temperature 0 is greedy (top_k/top_p then play no part, as in HFEngine).
+- the policy's EOS ids (generation config, config, tokenizer) are stop tokens; the mask includes the EOS. A
+  stop string ends the row at the token that completed it and the text is cut before it.
+- log-probs: vLLM is built with `logprobs_mode="processed_logprobs"`: log-softmax(logits / temperature)
+  after top-k/top-p filtering. Without filtering (and for greedy rows, which use temperature 1) that is our
+  quantity, the full softmax. With top_k/top_p on, or a vLLM without `logprobs_mode` (its log-probs are then
+  of the raw logits, right only at temperature 0 or 1), the engine recomputes the sampled tokens' log-probs
+  with the policy itself (one `completion_logprobs` forward) and says so in `last_logprobs_source`.
+
+Weights: vLLM is built from the policy's config and tokenizer saved to a temporary folder with dummy weights,
+then `load_weights(policy)` pushes the live parameters (a PEFT model's merged weights, FSDP2 DTensors
+gathered with `full_tensor()`) into vLLM's in-process model and resets its prefix cache. Call it after every
+optimizer step. The engine core must run in this process, so the engine sets
+VLLM_ENABLE_V1_MULTIPROCESSING=0. With `sleep_mode`, vLLM's KV cache is freed (and its weights moved to CPU
+memory, sleep level 1) between generate calls, leaving that GPU memory to training.
+
+Shapes: P prompts, G = n completions each, B = P * G rows, Tp prompt tokens, T completion tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import hashlib
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from polyalign.logprobs import completion_logprobs, unwrap_peft
+from polyalign.rollout.hf import HFEngine, _check_sampling
+from polyalign.types import Rollout, Sampling
+
+INSTALL_HINT = "pip install 'polyalign[vllm]' on a machine with a CUDA GPU"
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def import_vllm() -> Any:
+    """The vllm module, or an ImportError naming the extra that provides it."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(f"rollout engine 'vllm' needs the 'vllm' package ({INSTALL_HINT})") from err
+    return vllm
+
+
+def row_seeds(seed: int | None, row_offset: int, rows: int) -> list[int | None]:
+    """One request seed per row, a function of (seed, row_offset + row) only; all None without a seed."""
+    if seed is None:
+        return [None] * rows
+    keys = (f"{seed}:{row_offset + i}".encode() for i in range(rows))
+    return [int.from_bytes(hashlib.blake2b(k, digest_size=4).digest(), "little") >> 1 for k in keys]
+
+
+def request_options(sampling: Sampling, eos_ids: list[int]) -> dict:
+    """Keyword arguments of vLLM's SamplingParams shared by every row (the seed is per row)."""
+    greedy = sampling.temperature == 0
+    return {
+        "n": 1,
+        "max_tokens": sampling.max_new_tokens,
+        "temperature": float(sampling.temperature),
+        "top_p": 1.0 if greedy else float(sampling.top_p),
+        "top_k": -1 if greedy or sampling.top_k == 0 else int(sampling.top_k),  # -1 = off in every version
+        "stop": list(sampling.stop_strings),
+        "stop_token_ids": list(eos_ids),
+        "logprobs": 0,  # the sampled token's log-prob only
+        "skip_special_tokens": True,
+    }
+
+
+def vllm_logprobs_exact(sampling: Sampling, logprobs_mode: str) -> bool:
+    """Whether vLLM's log-probs are log-softmax(logits / T) before filtering (T = 1 when greedy)."""
+    if sampling.temperature == 0:
+        return True
+    if logprobs_mode == "processed_logprobs":
+        return sampling.top_p >= 1.0 and sampling.top_k == 0
+    return sampling.temperature == 1.0  # raw_logprobs: log-softmax of the unscaled logits
+
+
+def stop_length(tokenizer, ids: list[int], stops: tuple[str, ...]) -> int:
+    """Tokens up to and including the first one whose decoded prefix contains a stop string (else all)."""
+
+    def hit(length: int) -> bool:
+        text = tokenizer.decode(ids[:length], skip_special_tokens=True)
+        return any(stop in text for stop in stops)
+
+    if not stops or not ids or not hit(len(ids)):
+        return len(ids)
+    low, high = 1, len(ids)  # a prefix that contains a stop string keeps containing it: binary search
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if hit(mid) else (mid + 1, high)
+    return low
+
+
+def _token_logprob(position: Any, token: int) -> float | None:
+    """The sampled token's log-prob from one position of vLLM's logprobs (a {token: Logprob} mapping)."""
+    item = position.get(token) if position is not None and hasattr(position, "get") else None
+    return None if item is None else float(getattr(item, "logprob", item))
+
+
+def collect_outputs(outputs: list, pad_id: int, tokenizer, stops: tuple[str, ...]):
+    """vLLM RequestOutputs (one per row, n=1) -> ids, mask, log-probs (B, T), finished, stopped (B,), and
+    whether vLLM gave a log-prob for every real token."""
+    rows, row_logprobs, finished, stopped = [], [], [], []
+    for out in outputs:
+        seq = out.outputs[0]
+        ids = list(seq.token_ids)
+        by_string = isinstance(seq.stop_reason, str)
+        if by_string:
+            ids = ids[: stop_length(tokenizer, ids, stops)]
+        lps = seq.logprobs if seq.logprobs is not None else []
+        row_logprobs.append(
+            [_token_logprob(lps[t] if t < len(lps) else None, tok) for t, tok in enumerate(ids)]
+        )
+        rows.append(ids)
+        finished.append(seq.finish_reason == "stop")
+        stopped.append(by_string)
+    width = max(1, max(len(r) for r in rows))
+    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    logprobs = torch.zeros((len(rows), width), dtype=torch.float32)  # (B, T)
+    complete = True
+    for i, (ids, lps) in enumerate(zip(rows, row_logprobs)):
+        ids_t[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, : len(ids)] = 1
+        complete = complete and all(lp is not None for lp in lps)
+        logprobs[i, : len(ids)] = torch.tensor([lp if lp is not None else 0.0 for lp in lps])
+    return ids_t, mask, logprobs, torch.tensor(finished), torch.tensor(stopped), complete
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP, torch.compile and polyalign's TrainForward wrappers (PEFT stays)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ == "TrainForward":
+            model = model.model
+        else:
+            return model
+
+
+def policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, full tensor) of every weight, one at a time: merged weights of a PEFT model, FSDP2
+    DTensors gathered (a collective: every rank must iterate)."""
+    model = _unwrap(model)
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        from polyalign.lora import merged_state_dict  # only PEFT users need polyalign.lora
+
+        state = merged_state_dict(model)
+    else:
+        state = model.state_dict()
+    for name, tensor in state.items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
+            name = name.replace(wrapper, "")
+        yield name, tensor.detach()
+
+
+def _engine_fields() -> set[str] | None:
+    """Names EngineArgs accepts in this vLLM (None when they cannot be read)."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+
+        return {f.name for f in dataclasses.fields(EngineArgs)}
+    except (ImportError, TypeError):
+        return None
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class VLLMEngine:
+    """Rollout engine over an in-process vLLM that holds a copy of the policy's weights.
+
+    Args:
+        model: the policy (a transformers causal LM, optionally PEFT-wrapped, DDP- or FSDP2-wrapped), on CUDA.
+        tokenizer: its tokenizer; prompts are encoded as HFEngine encodes them.
+        gpu_memory_utilization: share of the GPU's memory vLLM may take (its weights + KV cache).
+        enforce_eager: skip CUDA-graph capture (faster start, slower decode).
+        max_model_len: longest prompt + completion vLLM plans for; 0 = the model's context length.
+        sleep_mode: free vLLM's KV cache and move its weights to CPU memory between generate calls.
+        attention_backend: force a vLLM attention backend (e.g. "FLEX_ATTENTION" for head sizes or dtypes
+            the default kernels lack); "" = vLLM's choice.
+        add_special_tokens: as in HFEngine.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        gpu_memory_utilization: float = 0.3,
+        enforce_eager: bool = False,
+        max_model_len: int = 0,
+        sleep_mode: bool = False,
+        attention_backend: str = "",
+        add_special_tokens: bool = True,
+    ) -> None:
+        self._vllm = import_vllm()
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "rollout engine 'vllm' needs a CUDA GPU and torch.cuda.is_available() is False; "
+                "use rollout.engine: hf on this machine"
+            )
+        if not 0 < gpu_memory_utilization < 1 or max_model_len < 0:
+            raise ValueError("VLLMEngine: need 0 < gpu_memory_utilization < 1 and max_model_len >= 0")
+        # The encoder: HFEngine's prompt encoding, EOS ids and text decoding, so both engines agree exactly.
+        self._hf = HFEngine(_unwrap(model), tokenizer, add_special_tokens=add_special_tokens)
+        self.model, self.tokenizer = model, tokenizer
+        self.pad_id, self.eos_ids = self._hf.pad_id, self._hf.eos_ids
+        self.max_model_len, self.sleep_mode = max_model_len, sleep_mode
+        self.last_logprobs_source = "vllm"
+        self._folder = tempfile.TemporaryDirectory(prefix="polyalign-vllm-")
+        _write_model_folder(_unwrap(model), tokenizer, self._folder.name)
+        fields = _engine_fields()
+        self.logprobs_mode = "processed_logprobs" if fields and "logprobs_mode" in fields else "raw_logprobs"
+        args = self._engine_args(model, fields, gpu_memory_utilization, enforce_eager, attention_backend)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core must share our process
+        self.llm = self._vllm.LLM(**args)
+        self._awake = {"weights", "kv_cache"}
+        self._target = _find_vllm_model(self.llm)
+        self.load_weights(model)
+
+    def _engine_args(self, model, fields, memory: float, eager: bool, backend: str) -> dict:
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"VLLMEngine: unsupported model dtype {dtype}; use one of {list(_DTYPE_NAMES)}")
+        args = dict(
+            model=self._folder.name,
+            tokenizer=self._folder.name,
+            dtype=_DTYPE_NAMES[dtype],
+            load_format="dummy",  # random weights, replaced by the policy's right after start
+            gpu_memory_utilization=memory,
+            enforce_eager=eager,
+            max_model_len=self.max_model_len or None,
+            seed=torch.distributed.get_rank() if _world_size() > 1 else 0,
+        )
+        if self.sleep_mode:
+            args["enable_sleep_mode"] = True
+        if self.logprobs_mode == "processed_logprobs":
+            args["logprobs_mode"] = "processed_logprobs"
+        if backend and fields and "attention_backend" in fields:
+            args["attention_backend"] = backend
+        elif backend:
+            os.environ["VLLM_ATTENTION_BACKEND"] = backend  # vLLM versions before the engine argument
+        if _world_size() > 1:  # one engine per rank, inside the trainer's torch.distributed job
+            args["distributed_executor_backend"] = "external_launcher"
+        return args
+
+    # ---------------------------------------------------------------- weights
+
+    def load_weights(self, model: nn.Module) -> None:
+        """Push `model`'s current weights into vLLM (every rank must call it) and drop cached prefixes."""
+        self.model = model
+        self._hf.load_weights(_unwrap(model))
+        self._wake(("weights",))
+        loaded = self._target.load_weights(policy_weights(model))
+        if isinstance(loaded, set) and loaded:
+            missing = {name for name, _ in self._target.named_parameters()} - loaded
+            if missing:
+                warnings.warn(
+                    f"VLLMEngine.load_weights: vLLM got no weights for {sorted(missing)[:4]} "
+                    f"({len(missing)} parameters); their names do not match the policy's",
+                    stacklevel=2,
+                )
+        self.llm.reset_prefix_cache()
+
+    def _wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        todo = [t for t in tags if t not in self._awake]
+        if not todo:
+            return
+        try:
+            self.llm.wake_up(tags=todo)
+        except TypeError:  # a vLLM whose wake_up takes no tags wakes everything
+            self.llm.wake_up()
+            todo = ["weights", "kv_cache"]
+        self._awake.update(todo)
+
+    def _sleep(self) -> None:
+        if self.sleep_mode:
+            self.llm.sleep(level=1)  # level 2 would also drop buffers that load_weights does not restore
+            self._awake = set()
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, prompts: list[str], n: int, sampling: Sampling, extras: dict | None = None) -> Rollout:
+        """Sample n completions per prompt, group-major; see the module docstring for the details."""
+        _check_sampling(prompts, n, sampling, extras)
+        rows = len(prompts) * n
+        if sampling.row_offset < 0 or (
+            sampling.total_rows is not None and sampling.row_offset + rows > sampling.total_rows
+        ):
+            raise ValueError(
+                f"sampling.row_offset={sampling.row_offset} with {rows} rows does not fit in "
+                f"sampling.total_rows={sampling.total_rows}"
+            )
+        prompt_ids, prompt_mask = self._hf._encode(prompts, sampling.max_new_tokens)  # (P, Tp) each
+        longest = int(prompt_mask.sum(1).max()) + sampling.max_new_tokens
+        if self.max_model_len and longest > self.max_model_len:
+            raise ValueError(
+                f"a prompt plus max_new_tokens needs {longest} tokens, more than max_model_len="
+                f"{self.max_model_len} (rollout.vllm.max_model_len)"
+            )
+        token_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+        options = request_options(sampling, self.eos_ids)
+        seeds = row_seeds(sampling.seed, sampling.row_offset, rows)
+        params = [self._vllm.SamplingParams(**options, seed=seed) for seed in seeds]
+        requests = [{"prompt_token_ids": token_lists[r // n]} for r in range(rows)]
+        self._wake()
+        try:
+            outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        finally:
+            self._sleep()
+        ids, mask, logprobs, finished, stopped, complete = collect_outputs(
+            outputs, self.pad_id, self.tokenizer, sampling.stop_strings
+        )
+        device = next(self.model.parameters()).device
+        prompt_ids, prompt_mask = (t.repeat_interleave(n, 0).to(device) for t in (prompt_ids, prompt_mask))
+        ids, mask, logprobs, finished = (t.to(device) for t in (ids, mask, logprobs, finished))
+        self.last_logprobs_source = "vllm"
+        if not (complete and vllm_logprobs_exact(sampling, self.logprobs_mode)):
+            logprobs = self._policy_logprobs(prompt_ids, prompt_mask, ids, mask, sampling.temperature)
+            self.last_logprobs_source = "policy"
+        return Rollout(
+            prompts=list(prompts),
+            completions=self._hf._texts(ids, mask, stopped, sampling.stop_strings),
+            group_size=n,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=ids,
+            completion_mask=mask,
+            logprobs=logprobs * mask,
+            finished=finished,
+            extras={k: [v for v in values for _ in range(n)] for k, values in (extras or {}).items()},
+        )
+
+    def _policy_logprobs(self, prompt_ids, prompt_mask, ids, mask, temperature: float) -> torch.Tensor:
+        """The sampled tokens' log-probs under the policy itself (B, T), when vLLM cannot give ours."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                logprobs = completion_logprobs(
+                    self.model, prompt_ids, prompt_mask, ids, mask, temperature=temperature or 1.0
+                )
+        finally:
+            self.model.train(was_training)
+        return logprobs.clone()  # an ordinary tensor, outside inference mode
+
+    def close(self) -> None:
+        """Shut vLLM down and free its GPU memory (a later engine in this process starts clean)."""
+        llm = self.__dict__.pop("llm", None)
+        self._target = None
+        if llm is not None:
+            core = getattr(llm.llm_engine, "engine_core", None)
+            if hasattr(core, "shutdown"):
+                core.shutdown()
+            del llm
+            gc.collect()
+            if _world_size() == 1:  # vLLM's own single-process group; never the trainer's
+                try:
+                    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                    cleanup_dist_env_and_memory()
+                except ImportError:
+                    pass
+            torch.cuda.empty_cache()
+        self._folder.cleanup()
+
+
+def _write_model_folder(model: nn.Module, tokenizer, folder: str) -> None:
+    """config.json (with its architecture named), generation_config.json and the tokenizer: what vLLM reads."""
+    base = unwrap_peft(model)
+    config = copy.deepcopy(base.config)
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(base).__name__]
+    config.save_pretrained(folder)
+    generation = getattr(base, "generation_config", None)
+    if generation is not None:
+        try:
+            generation.save_pretrained(folder)
+        except ValueError:  # an invalid generation config: vLLM then uses the config's EOS
+            pass
+    tokenizer.save_pretrained(folder)
+
+
+def _find_vllm_model(llm: Any) -> nn.Module:
+    """vLLM's model object in this process (needs the in-process engine core)."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and "MP" in type(core).__name__:
+        raise RuntimeError(
+            "vLLM runs its engine core in another process, so the policy's weights cannot be pushed in "
+            "place; set VLLM_ENABLE_V1_MULTIPROCESSING=0 before vLLM is first used in this process"
+        )
+    getters = (
+        lambda: llm.apply_model(lambda model: model)[0],
+        lambda: llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model(),
+        lambda: llm.llm_engine.model_executor.driver_worker.model_runner.get_model(),
+        lambda: llm.llm_engine.model_executor.driver_worker.worker.model_runner.model,
+    )
+    for get in getters:
+        try:
+            model = get()
+        except (AttributeError, NotImplementedError, TypeError, IndexError):
+            continue
+        if isinstance(model, nn.Module) and hasattr(model, "load_weights"):
+            return model
+    raise RuntimeError(
+        "cannot reach vLLM's model in this process (LLM.apply_model and the driver worker's model runner "
+        f"are both missing in vllm {getattr(import_vllm(), '__version__', '?')}); VLLMEngine needs vllm>=0.10"
+    )
