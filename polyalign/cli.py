@@ -5,6 +5,7 @@ polyalign repro copg-bandit [--epochs N] [--seed S] [--out DIR]      CoPG paper,
 polyalign repro back-to-basics [--seeds 0 1 2] [--out DIR] ...       RLOO paper, Table 1 in miniature
 polyalign eval CONFIG.yaml [--section.key=value ...]                  win-rate / harm rate / exact match
 polyalign serve [--model NAME] [--port 8000]                          OpenAI-compatible chat server
+polyalign plan [CONFIG.yaml] [--nproc N] [--gpu-memory GIB] [--json]   memory per process, no weights loaded
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def cmd_experiment(args: argparse.Namespace, extra: list[str]) -> int:
     return cli_experiment(args.config, _split_overrides(extra))
 
 
+def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
+    from polyalign.plan import cli_plan
+
+    return cli_plan(args.config, _split_overrides(extra), args.nproc, args.gpu_memory, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polyalign", description="Align language models with rewards and preferences."
@@ -137,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("config", help="YAML experiment config (see configs/experiment/)")
     exp.set_defaults(func=cmd_experiment)
+    plan = sub.add_parser(
+        "plan", help="memory planner: the models a run holds, their dtypes and the peak per process"
+    )
+    plan.add_argument("config", nargs="?", help="online or offline YAML config; omitted = the quickstart")
+    plan.add_argument("--nproc", type=int, default=1, help="processes (torchrun --nproc-per-node x nodes)")
+    plan.add_argument(
+        "--gpu-memory", type=float, default=None, help="GiB per GPU: checks the fit, sizes vLLM"
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
     srv = sub.add_parser(
         "serve", help="an OpenAI-compatible /v1/chat/completions server over any loadable model"
     )

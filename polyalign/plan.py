@@ -1,0 +1,582 @@
+"""Memory planner: which models a run holds, in which dtype, and the expected peak memory per process.
+
+Parameter counts come from each model's CONFIG, built on the meta device (no weights are read or
+allocated; a hub id needs its config only). Every byte count is per process:
+
+- weights of every held model; gradients (parameter dtype) and AdamW state (exp_avg and exp_avg_sq in the
+  parameter dtype, plus a float32 `step` scalar per tensor) of the trained ones. LoRA: only the adapter
+  trains, and the reference is the base with the adapter disabled (no copy).
+- FSDP (`model.parallel: fsdp`, N processes): the trained models and the reference are sharded (divided by
+  N), plus the largest FSDP unit (a decoder layer, or the root's embeddings and head) unsharded at a time.
+  DDP: a full replica per process. Reward models are replicated on every process either way.
+- activations kept for backward by one training micro-batch, the float32 softmax the log-prob head keeps,
+  and the generation engine (HF: the KV cache; vLLM: its `gpu_memory_utilization` share of the GPU).
+
+Phases: gradients are freed after each optimizer step (`train/loop.py`), so the KV cache (generation) and
+gradients + activations (training) are never held together; the peak is the larger phase. Not counted: the
+CUDA context, allocator fragmentation, and transient forwards without gradient (reference / reward-model
+scoring, which hold one layer's activations at a time). Formulas and measured checks: docs/memory.md.
+
+    polyalign plan configs/quickstart.yaml [--nproc 8] [--gpu-memory 80] [--json] [--model.dtype=bfloat16]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from polyalign.config import ConfigError, LoraConfig, RunConfig, load_config
+from polyalign.config_offline import OfflineRunConfig, is_offline_config, load_offline_config
+from polyalign.logprobs import HEAD_CHUNK_ROWS
+from polyalign.models import DTYPES, resolve_model_path
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ADAM_STEP_BYTES = 4
+"""Fused AdamW keeps `step` as a float32 scalar tensor per parameter tensor."""
+# Offline losses compared against a reference policy (mirrors train/offline_run.NEEDS_REFERENCE, which this
+# module may not import: nothing but the CLI imports train/).
+OFFLINE_NEEDS_REFERENCE = ("dpo", "ipo", "copg")
+_HEADS = {
+    "causal_lm": "AutoModelForCausalLM",
+    "sequence": "AutoModelForSequenceClassification",
+    "token": "AutoModelForTokenClassification",
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The architecture numbers the activation and KV-cache formulas need (read from the model config)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class HeldModel:
+    role: str
+    """policy | reference | value_model | reward_model."""
+    source: str
+    dtype: str
+    params: int
+    trainable_params: int
+    bytes_weights: int
+    """Per process: divided across processes when `sharded`."""
+    bytes_grads: int
+    bytes_optimizer: int
+    sharded: bool
+    setup_only: bool = False
+    """Held only while reference log-probs are precomputed (offline), then freed."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    kind: str
+    """online | offline."""
+    algorithm: str
+    world_size: int
+    parallel: str
+    models: tuple[HeldModel, ...]
+    train_rows: int
+    """Rows of one training micro-batch on one process."""
+    train_seq: int
+    """Tokens per row fed to the model (upper bound: longest prompt + completion)."""
+    completion_tokens: int
+    """Completion tokens per row that go through the log-prob head (upper bound)."""
+    bytes_activations: int
+    bytes_logits: int
+    bytes_kv_cache: int
+    bytes_engine: int
+    """vLLM's reservation (gpu_memory_utilization x GPU memory); 0 for the HF engine or when unknown."""
+    bytes_fsdp_buffer: int
+    phases: dict[str, int]
+    bytes_peak: int
+    gpu_memory_gib: float | None
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Count:
+    params: int
+    trainable: int
+    weight_bytes: int
+    trainable_bytes: int
+    trainable_tensors: int
+    largest_unit_bytes: int
+    """Weights + gradients of the largest FSDP unit (decoder layer, or what the root holds)."""
+    shape: Shape
+
+
+class _Entry(NamedTuple):
+    """A model the run holds, before per-process division."""
+
+    role: str
+    source: str
+    dtype: str
+    count: _Count
+    shardable: bool
+    setup_only: bool = False
+
+
+# ---------------------------------------------------------------- counting parameters on the meta device
+
+
+def _peft_config(lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+    )
+
+
+def _shape(config) -> Shape:
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, heads = c.hidden_size, c.num_attention_heads
+    intermediate = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * hidden
+    return Shape(
+        layers=c.num_hidden_layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        heads=heads,
+        kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+        head_dim=getattr(c, "head_dim", None) or hidden // heads,
+        vocab=c.vocab_size,
+    )
+
+
+def _meta_model(source: str, head: str, dtype: str, lora: LoraConfig | None):
+    import transformers
+
+    path = resolve_model_path(source)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot read the config of model {source!r}: {e} (a hub id needs network access or a local cache)"
+        ) from e
+    if head != "causal_lm":
+        config.num_labels = 1
+    with torch.device("meta"):
+        model = getattr(transformers, _HEADS[head]).from_config(config, dtype=DTYPES[dtype])
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _peft_config(lora))
+    return model, _shape(config)
+
+
+def count_model(
+    source: str, head: str = "causal_lm", dtype: str = "float32", lora: LoraConfig | None = None, trains=True
+) -> _Count:
+    """Parameters and bytes of a model built from its config on the meta device.
+
+    head: causal_lm (policy, reference) | sequence (reward model, num_labels=1) | token (PPO value model).
+    trains=False counts a frozen model (no trainable parameters); with `lora`, only the adapter trains.
+    """
+    model, shape = _meta_model(source, head, dtype, lora)
+    params = list(model.parameters())
+    trainable = [p for p in params if trains and p.requires_grad]
+
+    def nbytes(tensors, with_grads: bool) -> int:
+        return sum(
+            p.numel() * p.element_size() * (2 if with_grads and p.requires_grad else 1) for p in tensors
+        )
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    units = [nbytes(m.parameters(), trains) for m in base.modules() if type(m).__name__ in names]
+    root = nbytes(params, trains) - sum(units)
+    return _Count(
+        params=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in trainable),
+        weight_bytes=nbytes(params, False),
+        trainable_bytes=nbytes(trainable, False),
+        trainable_tensors=len(trainable),
+        largest_unit_bytes=max([root, *units]),
+        shape=shape,
+    )
+
+
+def _held(entry: _Entry, sharded: bool, n: int) -> HeldModel:
+    count, split = entry.count, n if sharded else 1
+    return HeldModel(
+        role=entry.role,
+        source=entry.source,
+        dtype=entry.dtype,
+        params=count.params,
+        trainable_params=count.trainable,
+        bytes_weights=-(-count.weight_bytes // split),
+        bytes_grads=-(-count.trainable_bytes // split),
+        bytes_optimizer=-(-2 * count.trainable_bytes // split) + ADAM_STEP_BYTES * count.trainable_tensors,
+        sharded=sharded,
+        setup_only=entry.setup_only,
+    )
+
+
+# ---------------------------------------------------------------- activations, logits, KV cache
+
+
+def layer_activation_bytes(shape: Shape, dtype_bytes: int) -> int:
+    """Bytes one Llama-style decoder layer keeps for backward, per token (b = dtype bytes, h hidden,
+    i intermediate, a heads, kv key/value heads, d head_dim):
+
+        2 * (4h + 2bh + 4)          two RMSNorms: float32 input, normalised and output copies, float32 rsqrt
+      + b * (2ad + 2kv*d + 4i)      q and the attention output; k and v; MLP gate, silu(gate), up, product
+      + 4a                          float32 log-sum-exp per head (sdpa / flash attention)
+
+    Eager attention would add the (a, seq, seq) attention probabilities; that term is not counted.
+    """
+    s, b = shape, dtype_bytes
+    norms = 2 * (4 * s.hidden + 2 * b * s.hidden + 4)
+    return (
+        norms
+        + b * (2 * s.heads * s.head_dim + 2 * s.kv_heads * s.head_dim + 4 * s.intermediate)
+        + 4 * s.heads
+    )
+
+
+def activation_bytes(
+    shape: Shape,
+    rows: int,
+    seq: int,
+    completion_tokens: int,
+    dtype_bytes: int,
+    checkpointing: bool,
+    lm_head: bool,
+) -> tuple[int, int]:
+    """(activations, logits) bytes one training forward keeps for backward.
+
+    activations = layers * tokens * layer_activation_bytes                       (no checkpointing)
+                = layers * tokens * b*h + tokens * layer_activation_bytes        (checkpointing: layer
+                  inputs, plus one layer recomputed during backward)
+                + tokens * (4h + 2bh + 4 + 2bd)   final norm, rotary cos/sin
+                + N * b*h                         head input; N = rows * completion_tokens
+    logits      = N * V * 4                        float32 softmax kept by the selective log-softmax
+                + C * V * (b + 4 [if b < 4])       one head chunk's logits (C = min(rows, HEAD_CHUNK_ROWS) * T)
+    with tokens = rows * seq. A value / classifier head (lm_head=False) keeps no logits.
+    """
+    s, b = shape, dtype_bytes
+    tokens, n = rows * seq, rows * completion_tokens
+    layer = layer_activation_bytes(s, b)
+    if checkpointing:
+        layers = s.layers * tokens * b * s.hidden + tokens * layer
+    else:
+        layers = s.layers * tokens * layer
+    outside = tokens * (4 * s.hidden + 2 * b * s.hidden + 4 + 2 * b * s.head_dim) + n * b * s.hidden
+    logits = 0
+    if lm_head:
+        chunk = min(rows, HEAD_CHUNK_ROWS) * completion_tokens
+        logits = n * s.vocab * 4 + chunk * s.vocab * (b + (4 if b < 4 else 0))
+    return layers + outside, logits
+
+
+def kv_cache_bytes(shape: Shape, rows: int, seq: int, dtype_bytes: int) -> int:
+    """rows * seq * layers * 2 (k and v) * kv_heads * head_dim * b: the HF engine's cache for one rollout."""
+    return rows * seq * shape.layers * 2 * shape.kv_heads * shape.head_dim * dtype_bytes
+
+
+# ---------------------------------------------------------------- the two planners
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _frozen(source: str, dtype: str) -> _Count:
+    return count_model(source, "causal_lm", dtype, None, trains=False)
+
+
+def _online_reference(cfg: RunConfig, notes: list[str]) -> list[_Entry]:
+    """train/run.py: a reference unless kl_coef == 0 (CoPG always needs one)."""
+    m, a = cfg.model, cfg.algo
+    if a.kl_coef == 0 and a.name != "copg":
+        notes.append("no reference model: algo.kl_coef = 0")
+        return []
+    if m.reference:
+        return [_Entry("reference", m.reference, m.dtype, _frozen(m.reference, m.dtype), True)]
+    if m.lora is not None:
+        notes.append("LoRA: reference = base with adapter disabled (no extra weights)")
+        return []
+    notes.append("reference = frozen copy of the starting policy")
+    return [_Entry("reference", m.policy, m.dtype, _frozen(m.policy, m.dtype), True)]
+
+
+def _online_models(cfg: RunConfig, notes: list[str]) -> list[_Entry]:
+    m = cfg.model
+    entries = [_Entry("policy", m.policy, m.dtype, count_model(m.policy, "causal_lm", m.dtype, m.lora), True)]
+    entries += _online_reference(cfg, notes)
+    if cfg.algo.name == "ppo":  # train/ppo.build_value_model: a scalar head on the policy (or value_model)
+        source = cfg.algo.value_model or m.policy
+        entries.append(_Entry("value_model", source, m.dtype, count_model(source, "token", m.dtype), True))
+        notes.append("PPO value model trains every weight (policy weights + a fresh scalar head)")
+    for spec in cfg.reward.functions:
+        if spec.startswith("model:"):  # RewardModelScorer loads in float32 unless told otherwise
+            name = spec.removeprefix("model:")
+            count = count_model(name, "sequence", "float32", trains=False)
+            entries.append(_Entry("reward_model", name, "float32", count, False))
+            notes.append(
+                f"reward model {name} held in float32 (RewardModelScorer's default) on every process"
+            )
+    return entries
+
+
+def _online_rows(cfg: RunConfig, n: int) -> tuple[int, int]:
+    """(rollout rows, training micro-batch rows) per process; micro-batches hold whole groups."""
+    group = cfg.rollout.samples_per_prompt
+    batch = cfg.rollout.prompts_per_step * group
+    minibatch = _ceil(batch // cfg.algo.updates_per_batch, n)
+    micro = cfg.train.micro_batch_size
+    return _ceil(batch, n), min(minibatch, max(1, micro // group) * group) if micro else minibatch
+
+
+def _online_engine(cfg: RunConfig, shape: Shape, rollout_rows: int, gpu: float | None, notes: list[str]):
+    """(KV cache bytes, vLLM reservation bytes)."""
+    r, b = cfg.rollout, DTYPE_BYTES[cfg.model.dtype]
+    if r.engine == "vllm":
+        share = r.vllm.gpu_memory_utilization
+        reserved = int(share * gpu * GIB) if gpu else 0
+        where = f" = {_human(reserved)}" if gpu else "; pass --gpu-memory GIB to count it"
+        notes.append(
+            f"vLLM reserves rollout.vllm.gpu_memory_utilization = {share} of the GPU{where} "
+            "(its own copy of the policy weights + KV cache), for the whole run"
+        )
+        return 0, reserved
+    prompt = cfg.data.max_prompt_tokens
+    kv = kv_cache_bytes(shape, rollout_rows, prompt + r.max_new_tokens, b)
+    if cfg.eval.every and cfg.data.eval_prompts:
+        kv = max(kv, kv_cache_bytes(shape, cfg.eval.num_prompts, prompt + cfg.eval.max_new_tokens, b))
+    return kv, 0
+
+
+def _plan_online(cfg: RunConfig, n: int, gpu: float | None) -> MemoryPlan:
+    m, r = cfg.model, cfg.rollout
+    notes: list[str] = []
+    entries = _online_models(cfg, notes)
+    policy, b = entries[0].count, DTYPE_BYTES[m.dtype]
+    rollout_rows, rows = _online_rows(cfg, n)
+    seq, completion = cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_new_tokens
+    act, logits = activation_bytes(policy.shape, rows, seq, completion, b, m.gradient_checkpointing, True)
+    _checkpointing_note(policy.shape, (rows, seq, completion, b), m.gradient_checkpointing, act, notes)
+    for e in entries:
+        if e.role == "value_model":  # forward with gradients in the same micro-batch as the policy's
+            act += activation_bytes(e.count.shape, rows, seq, completion, b, False, False)[0]
+    kv, engine = _online_engine(cfg, policy.shape, rollout_rows, gpu, notes)
+    return _assemble(
+        ("online", cfg.algo.name, m.parallel, n, gpu),
+        entries,
+        (rows, seq, completion),
+        (act, logits, kv, engine),
+        notes,
+    )
+
+
+def _offline_reference(cfg: OfflineRunConfig, notes: list[str]) -> list[_Entry]:
+    """train/offline_run.setup_reference: cached log-probs (reference freed after precompute) or a model."""
+    m, precompute = cfg.model, cfg.reference.precompute
+    if m.reference:
+        if precompute:
+            notes.append(
+                f"reference {m.reference} held only while its log-probs are precomputed; freed after precompute"
+            )
+        return [_Entry("reference", m.reference, m.dtype, _frozen(m.reference, m.dtype), True, precompute)]
+    if precompute:
+        notes.append(
+            "reference log-probs precomputed from the starting policy before training: "
+            "no reference model held during training (reference freed after precompute)"
+        )
+        return []
+    if m.lora is not None:
+        notes.append("LoRA: reference = base with adapter disabled (no extra weights)")
+        return []
+    notes.append("reference = frozen copy of the starting policy, held for the whole run (precompute: false)")
+    return [_Entry("reference", m.policy, m.dtype, _frozen(m.policy, m.dtype), True)]
+
+
+def _plan_offline(cfg: OfflineRunConfig, n: int, gpu: float | None) -> MemoryPlan:
+    m, t, name = cfg.model, cfg.train, cfg.loss.name
+    notes: list[str] = []
+    is_rm = name == "reward_model"
+    trained = count_model(m.policy, "sequence" if is_rm else "causal_lm", m.dtype, m.lora)
+    entries = [_Entry("reward_model" if is_rm else "policy", m.policy, m.dtype, trained, True)]
+    if name in OFFLINE_NEEDS_REFERENCE:
+        entries += _offline_reference(cfg, notes)
+    pairs = min(t.micro_batch_size, _ceil(t.batch_size, n)) if t.micro_batch_size else _ceil(t.batch_size, n)
+    rows = pairs * (1 if name == "sft" else 2)  # chosen and rejected go through one forward
+    seq = cfg.data.max_length
+    completion = seq if is_rm else seq - 1  # a classifier's head reads every position
+    b, checkpointing = DTYPE_BYTES[m.dtype], m.gradient_checkpointing and not is_rm
+    act, logits = activation_bytes(trained.shape, rows, seq, completion, b, checkpointing, not is_rm)
+    _checkpointing_note(trained.shape, (rows, seq, completion, b), checkpointing, act, notes)
+    return _assemble(
+        ("offline", name, m.parallel, n, gpu), entries, (rows, seq, completion), (act, logits, 0, 0), notes
+    )
+
+
+def _checkpointing_note(shape: Shape, dims: tuple, on: bool, act: int, notes: list[str]) -> None:
+    other = activation_bytes(shape, *dims, checkpointing=not on, lm_head=True)[0]
+    if on:
+        notes.append(
+            f"gradient checkpointing on: layer inputs kept, one layer recomputed (off: {_human(other)})"
+        )
+    else:
+        notes.append(
+            f"model.gradient_checkpointing=true would cut activations {_human(act)} -> {_human(other)}"
+        )
+
+
+def _assemble(run: tuple, entries: list[_Entry], dims: tuple, sizes: tuple, notes: list[str]) -> MemoryPlan:
+    """Per-process models, phases and the peak. run = (kind, algorithm, parallel, n, gpu GiB); dims = (rows,
+    seq, completion tokens); sizes = (activations, logits, KV cache, vLLM reservation) bytes."""
+    kind, algorithm, parallel, n, gpu = run
+    act, logits, kv, engine = sizes
+    fsdp = parallel == "fsdp" and n > 1
+    models = tuple(_held(e, fsdp and e.shardable, n) for e in entries)
+    buffer = max((e.count.largest_unit_bytes for e in entries if e.shardable), default=0) if fsdp else 0
+    held = [h for h in models if not h.setup_only]
+    persistent = sum(h.bytes_weights + h.bytes_optimizer for h in held) + engine + buffer
+    phases = {}
+    if len(held) < len(models):  # optimizer state appears at the first step, after the precompute
+        phases["reference precompute"] = sum(h.bytes_weights for h in models) + buffer
+    if kind == "online":
+        phases["generation"] = persistent + kv
+    phases["training"] = persistent + sum(h.bytes_grads for h in held) + act + logits
+    peak = max(phases.values())
+    notes += _parallel_notes(parallel, n, buffer) + _fit_note(peak, gpu)
+    sizes = dict(bytes_activations=act, bytes_logits=logits, bytes_kv_cache=kv, bytes_engine=engine)
+    return MemoryPlan(
+        kind, algorithm, n, parallel, models, *dims, **sizes, bytes_fsdp_buffer=buffer, phases=phases,
+        bytes_peak=peak, gpu_memory_gib=gpu, notes=tuple(notes),
+    )  # fmt: skip
+
+
+def _parallel_notes(parallel: str, n: int, buffer: int) -> list[str]:
+    if n == 1:
+        return ["one process: model.parallel does not apply"]
+    if parallel == "fsdp":
+        return [
+            f"fsdp over {n} processes: trained models and the reference are sharded; the largest unit "
+            f"(decoder layer or root embeddings/head, weights + grads) is gathered unsharded: {_human(buffer)}"
+        ]
+    return [f"ddp over {n} processes: a full replica per process (DDP's gradient buckets are not counted)"]
+
+
+def _fit_note(peak: int, gpu: float | None) -> list[str]:
+    if gpu is None:
+        return []
+    if peak <= gpu * GIB:
+        return [
+            f"fits in {gpu:g} GiB ({_human(int(gpu * GIB) - peak)} to spare, before CUDA context/fragmentation)"
+        ]
+    return [f"does NOT fit in {gpu:g} GiB: the peak is {_human(peak)}"]
+
+
+def plan_memory(
+    cfg: RunConfig | OfflineRunConfig, world_size: int = 1, gpu_memory_gib: float | None = None
+) -> MemoryPlan:
+    """The models a run holds and its expected peak memory per process (see the module docstring)."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if gpu_memory_gib is not None and not gpu_memory_gib > 0:
+        raise ValueError(f"gpu_memory_gib must be > 0, got {gpu_memory_gib!r}")
+    if isinstance(cfg, OfflineRunConfig):
+        return _plan_offline(cfg, world_size, gpu_memory_gib)
+    if isinstance(cfg, RunConfig):
+        return _plan_online(cfg, world_size, gpu_memory_gib)
+    raise TypeError(f"plan_memory needs a RunConfig or OfflineRunConfig, got {type(cfg).__name__}")
+
+
+# ---------------------------------------------------------------- output
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _count_str(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """A readable report: one row per held model, then activations, engine, phases, the peak and notes."""
+    p = plan
+    head = ["role", "source", "dtype", "params", "trainable", "weights", "grads", "optimizer", "sharded"]
+    rows = [head] + [
+        [
+            h.role + (" (setup)" if h.setup_only else ""),
+            h.source,
+            h.dtype,
+            _count_str(h.params),
+            _count_str(h.trainable_params),
+            _human(h.bytes_weights),
+            _human(h.bytes_grads),
+            _human(h.bytes_optimizer),
+            "yes" if h.sharded else "no",
+        ]
+        for h in p.models
+    ]
+    extra = [
+        [
+            "activations",
+            _human(p.bytes_activations),
+            f"micro-batch {p.train_rows} rows x {p.train_seq} tokens",
+        ],
+        [
+            "logits",
+            _human(p.bytes_logits),
+            f"{p.completion_tokens} completion tokens per row through the head",
+        ],
+        [
+            "KV cache",
+            _human(p.bytes_kv_cache),
+            "HF engine, one rollout" if p.kind == "online" else "no generation",
+        ],
+        ["vLLM engine", _human(p.bytes_engine), "gpu_memory_utilization share"],
+        ["FSDP gather", _human(p.bytes_fsdp_buffer), "largest unit unsharded"],
+    ]
+    extra += [[f"phase: {name}", _human(v), ""] for name, v in p.phases.items()]
+    extra.append(["PEAK per process", _human(p.bytes_peak), f"{p.world_size} process(es), {p.parallel}"])
+    title = (
+        f"polyalign memory plan: {p.kind} {p.algorithm}, {p.world_size} process(es), parallel {p.parallel}"
+    )
+    lines = [title, "", *_table(rows), "", *_table(extra), "", "notes:", *(f"- {n}" for n in p.notes)]
+    return "\n".join(lines)
+
+
+def cli_plan(
+    config: str | None,
+    overrides: list[str],
+    nproc: int = 1,
+    gpu_memory_gib: float | None = None,
+    as_json: bool = False,
+) -> int:
+    """`polyalign plan [CONFIG.yaml] [--nproc N] [--gpu-memory GIB] [--json] [--section.key=value ...]`."""
+    from pathlib import Path
+
+    offline = config is not None and Path(config).is_file() and is_offline_config(config)
+    try:
+        cfg = (load_offline_config if offline else load_config)(config, overrides)
+        plan = plan_memory(cfg, world_size=nproc, gpu_memory_gib=gpu_memory_gib)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"polyalign plan: {e}") from None
+    print(json.dumps(dataclasses.asdict(plan), indent=1) if as_json else format_plan(plan))
+    return 0
