@@ -98,6 +98,11 @@ class MemoryPlan:
     bytes_engine: int
     """vLLM's reservation (gpu_memory_utilization x GPU memory); 0 for the HF engine or when unknown."""
     bytes_fsdp_buffer: int
+    """fsdp: the largest unit's weights + gradients gathered unsharded while training."""
+    bytes_fsdp_generation: int
+    """fsdp: the whole policy gathered unsharded while generating (`distributed.gathered`)."""
+    bytes_ddp_buckets: int
+    """ddp: DistributedDataParallel's gradient buckets, one more copy of the trained models' gradients."""
     phases: dict[str, int]
     bytes_peak: int
     gpu_memory_gib: float | None
@@ -130,14 +135,6 @@ class _Entry(NamedTuple):
 # ---------------------------------------------------------------- counting parameters on the meta device
 
 
-def _peft_config(lora: LoraConfig):
-    from peft import LoraConfig as PeftLoraConfig
-
-    return PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
-    )
-
-
 def _shape(config) -> Shape:
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden, heads = c.hidden_size, c.num_attention_heads
@@ -167,10 +164,10 @@ def _meta_model(source: str, head: str, dtype: str, lora: LoraConfig | None):
         config.num_labels = 1
     with torch.device("meta"):
         model = getattr(transformers, _HEADS[head]).from_config(config, dtype=DTYPES[dtype])
-    if lora is not None:
-        from peft import get_peft_model
+    if lora is not None:  # the same wrapping a run applies (a classifier's fresh head trains in full)
+        from polyalign.lora import apply_lora
 
-        model = get_peft_model(model, _peft_config(lora))
+        model = apply_lora(model, lora)
     return model, _shape(config)
 
 
@@ -329,8 +326,15 @@ def _online_models(cfg: RunConfig, notes: list[str]) -> list[_Entry]:
     return entries
 
 
+def _split(total: int, n: int, what: str) -> None:
+    """train/distributed.shard: every process takes an equal share."""
+    if total % n:
+        raise ValueError(f"{what} ({total}) must be a multiple of the number of processes ({n})")
+
+
 def _online_rows(cfg: RunConfig, n: int) -> tuple[int, int]:
     """(rollout rows, training micro-batch rows) per process; micro-batches hold whole groups."""
+    _split(cfg.rollout.prompts_per_step, n, "rollout.prompts_per_step")
     group = cfg.rollout.samples_per_prompt
     batch = cfg.rollout.prompts_per_step * group
     minibatch = _ceil(batch // cfg.algo.updates_per_batch, n)
@@ -409,7 +413,8 @@ def _plan_offline(cfg: OfflineRunConfig, n: int, gpu: float | None) -> MemoryPla
     entries = [_Entry("reward_model" if is_rm else "policy", m.policy, m.dtype, trained, True)]
     if name in OFFLINE_NEEDS_REFERENCE:
         entries += _offline_reference(cfg, notes)
-    pairs = min(t.micro_batch_size, _ceil(t.batch_size, n)) if t.micro_batch_size else _ceil(t.batch_size, n)
+    _split(t.batch_size, n, "train.batch_size")
+    pairs = min(t.micro_batch_size, t.batch_size // n) if t.micro_batch_size else t.batch_size // n
     rows = pairs * (1 if name == "sft" else 2)  # chosen and rejected go through one forward
     seq = cfg.data.max_length
     completion = seq if is_rm else seq - 1  # a classifier's head reads every position
@@ -438,35 +443,40 @@ def _assemble(run: tuple, entries: list[_Entry], dims: tuple, sizes: tuple, note
     seq, completion tokens); sizes = (activations, logits, KV cache, vLLM reservation) bytes."""
     kind, algorithm, parallel, n, gpu = run
     act, logits, kv, engine = sizes
-    fsdp = parallel == "fsdp" and n > 1
+    fsdp, ddp = n > 1 and parallel == "fsdp", n > 1 and parallel == "ddp"
     models = tuple(_held(e, fsdp and e.shardable, n) for e in entries)
     buffer = max((e.count.largest_unit_bytes for e in entries if e.shardable), default=0) if fsdp else 0
+    gather = entries[0].count.weight_bytes if fsdp and kind == "online" else 0
     held = [h for h in models if not h.setup_only]
-    persistent = sum(h.bytes_weights + h.bytes_optimizer for h in held) + engine + buffer
+    buckets = sum(h.bytes_grads for h in held) if ddp else 0  # allocated with the DDP wrapper, kept
+    persistent = sum(h.bytes_weights + h.bytes_optimizer for h in held) + engine + buckets
     phases = {}
     if len(held) < len(models):  # optimizer state appears at the first step, after the precompute
-        phases["reference precompute"] = sum(h.bytes_weights for h in models) + buffer
+        phases["reference precompute"] = sum(h.bytes_weights for h in models) + buffer + buckets
     if kind == "online":
-        phases["generation"] = persistent + kv
-    phases["training"] = persistent + sum(h.bytes_grads for h in held) + act + logits
+        phases["generation"] = persistent + kv + gather
+    phases["training"] = persistent + sum(h.bytes_grads for h in held) + act + logits + buffer
     peak = max(phases.values())
-    notes += _parallel_notes(parallel, n, buffer) + _fit_note(peak, gpu)
+    notes += _parallel_notes(parallel, n, buffer, gather, buckets) + _fit_note(peak, gpu)
     sizes = dict(bytes_activations=act, bytes_logits=logits, bytes_kv_cache=kv, bytes_engine=engine)
     return MemoryPlan(
-        kind, algorithm, n, parallel, models, *dims, **sizes, bytes_fsdp_buffer=buffer, phases=phases,
-        bytes_peak=peak, gpu_memory_gib=gpu, notes=tuple(notes),
+        kind, algorithm, n, parallel, models, *dims, **sizes, bytes_fsdp_buffer=buffer,
+        bytes_fsdp_generation=gather, bytes_ddp_buckets=buckets, phases=phases, bytes_peak=peak,
+        gpu_memory_gib=gpu, notes=tuple(notes),
     )  # fmt: skip
 
 
-def _parallel_notes(parallel: str, n: int, buffer: int) -> list[str]:
+def _parallel_notes(parallel: str, n: int, buffer: int, gather: int, buckets: int) -> list[str]:
     if n == 1:
         return ["one process: model.parallel does not apply"]
     if parallel == "fsdp":
+        generation = f"; the whole policy is gathered to generate: {_human(gather)}" if gather else ""
         return [
             f"fsdp over {n} processes: trained models and the reference are sharded; the largest unit "
-            f"(decoder layer or root embeddings/head, weights + grads) is gathered unsharded: {_human(buffer)}"
+            f"(decoder layer or root embeddings/head, weights + grads) is gathered to train: {_human(buffer)}"
+            + generation
         ]
-    return [f"ddp over {n} processes: a full replica per process (DDP's gradient buckets are not counted)"]
+    return [f"ddp over {n} processes: a full replica per process, plus gradient buckets: {_human(buckets)}"]
 
 
 def _fit_note(peak: int, gpu: float | None) -> list[str]:
@@ -551,7 +561,9 @@ def format_plan(plan: MemoryPlan) -> str:
             "HF engine, one rollout" if p.kind == "online" else "no generation",
         ],
         ["vLLM engine", _human(p.bytes_engine), "gpu_memory_utilization share"],
-        ["FSDP gather", _human(p.bytes_fsdp_buffer), "largest unit unsharded"],
+        ["FSDP gather", _human(p.bytes_fsdp_buffer), "training: largest unit unsharded"],
+        ["FSDP gather", _human(p.bytes_fsdp_generation), "generation: whole policy unsharded"],
+        ["DDP buckets", _human(p.bytes_ddp_buckets), "a second copy of the gradients"],
     ]
     extra += [[f"phase: {name}", _human(v), ""] for name, v in p.phases.items()]
     extra.append(["PEAK per process", _human(p.bytes_peak), f"{p.world_size} process(es), {p.parallel}"])

@@ -97,7 +97,11 @@ def test_fsdp_shards_trained_models_and_ddp_replicates():
     assert two["reward_model"].bytes_weights == one["reward_model"].bytes_weights
     # The gathered unit: at least one decoder layer's weights + grads, at most the whole policy's.
     assert 0 < fsdp_plan.bytes_fsdp_buffer < one["policy"].bytes_weights + one["policy"].bytes_grads
-    ddp = roles(plan_memory(online("--model.parallel=ddp"), world_size=2))
+    assert fsdp_plan.bytes_fsdp_generation == one["policy"].bytes_weights  # gathered to generate
+    assert fsdp_plan.bytes_ddp_buckets == 0
+    ddp_plan = plan_memory(online("--model.parallel=ddp"), world_size=2)
+    assert ddp_plan.bytes_ddp_buckets == one["policy"].bytes_grads and ddp_plan.bytes_fsdp_buffer == 0
+    ddp = roles(ddp_plan)
     assert not ddp["policy"].sharded
     assert (ddp["policy"].bytes_weights, ddp["policy"].bytes_optimizer) == (
         one["policy"].bytes_weights,
@@ -250,11 +254,26 @@ def test_offline_reward_model_counts_the_classifier():
     assert plan.bytes_logits == 0
 
 
+def test_lora_reward_model_counts_adapter_and_head():
+    from polyalign.config import LoraConfig
+    from polyalign.lora import apply_lora
+    from polyalign.train.reward_model import load_base_classifier
+
+    cfg = load_offline_config("configs/offline/reward_model.yaml", ["--model.lora={r: 4}"])
+    held = roles(plan_memory(cfg))["reward_model"]
+    model = apply_lora(load_base_classifier("stories260K", 0)[0], LoraConfig(r=4))
+    assert (held.params, held.trainable_params) == (numel(model), numel(model, trainable_only=True))
+
+
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="world_size"):
         plan_memory(online(), world_size=0)
     with pytest.raises(ValueError, match="gpu_memory_gib"):
         plan_memory(online(), gpu_memory_gib=-1)
+    with pytest.raises(ValueError, match=r"prompts_per_step \(16\) must be a multiple"):
+        plan_memory(online(), world_size=3)
+    with pytest.raises(ValueError, match="train.batch_size"):
+        plan_memory(load_offline_config("configs/offline/dpo.yaml"), world_size=3)
     with pytest.raises(ValueError, match="cannot read the config"):
         plan_memory(online(f"--model.policy={tmp_path}"))
 
