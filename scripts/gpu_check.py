@@ -86,7 +86,7 @@ def _model(name: str, dtype: str, device: str, cpu: bool):
 
     if name == "stories":  # head size 8: FlexAttention is the vLLM backend that takes it in every version
         policy, tokenizer = load_policy("stories260K", dtype=dtype, device=device)
-        return policy.eval(), tokenizer, "FLEX_ATTENTION"
+        return policy.eval(), tokenizer, os.environ.get("POLYALIGN_VLLM_TEST_BACKEND", "FLEX_ATTENTION")
     torch.manual_seed(0)
     policy = LlamaForCausalLM(LlamaConfig(**(TINY if cpu else BIG))).to(DTYPES[dtype]).to(device)
     return policy.eval(), load_tokenizer("stories260K"), ""
