@@ -316,3 +316,23 @@ def test_gpu_weights_pushed_after_a_step(gpu_engine):
     assert not math.isnan(after["mismatch/seq_log_ratio_mean"])
     restored = engine.generate(PROMPTS, n=2, sampling=sampling)
     assert torch.equal(restored.completion_ids, stale.completion_ids)
+
+
+def test_model_folder_holds_what_vllm_reads(tiny_llama, stories, tmp_path):
+    """vLLM starts from config.json (architecture named even for a model built from a config),
+    generation_config.json and the tokenizer; the weights come later, pushed."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from polyalign.rollout.vllm import _write_model_folder
+
+    assert not tiny_llama.config.architectures
+    _write_model_folder(tiny_llama, stories[1], str(tmp_path))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.architectures == ["LlamaForCausalLM"] and config.hidden_size == 32
+    assert not tiny_llama.config.architectures, "the policy's own config is left alone"
+    assert (
+        GenerationConfig.from_pretrained(tmp_path).eos_token_id == tiny_llama.generation_config.eos_token_id
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer("The sun")["input_ids"] == stories[1]("The sun")["input_ids"]
+    assert not list(tmp_path.glob("*.safetensors"))
