@@ -336,3 +336,17 @@ def test_model_folder_holds_what_vllm_reads(tiny_llama, stories, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert tokenizer("The sun")["input_ids"] == stories[1]("The sun")["input_ids"]
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_policy_weights_of_a_lora_policy_use_transformers_names(tiny_llama):
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("polyalign.lora")
+    lora = peft.get_peft_model(copy.deepcopy(tiny_llama), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.constant_(param, 0.1)  # a trained adapter: the merged q_proj differs from the base
+    pushed = dict(policy_weights(lora))
+    assert pushed.keys() == tiny_llama.state_dict().keys()  # what vLLM's load_weights expects
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(pushed[q], tiny_llama.state_dict()[q])
+    assert torch.equal(pushed["model.norm.weight"], tiny_llama.state_dict()["model.norm.weight"])
