@@ -7,8 +7,9 @@ allocated; a hub id needs its config only). Every byte count is per process:
   parameter dtype, plus a float32 `step` scalar per tensor) of the trained ones. LoRA: only the adapter
   trains, and the reference is the base with the adapter disabled (no copy).
 - FSDP (`model.parallel: fsdp`, N processes): the trained models and the reference are sharded (divided by
-  N), plus the largest FSDP unit (a decoder layer, or the root's embeddings and head) unsharded at a time.
-  DDP: a full replica per process. Reward models are replicated on every process either way.
+  N), plus the largest FSDP unit (a decoder layer, or the root's embeddings and head) unsharded while
+  training and the whole policy gathered while generating. DDP: a full replica per process plus its
+  gradient buckets (one more copy of the gradients). Reward models are replicated on every process.
 - activations kept for backward by one training micro-batch, the float32 softmax the log-prob head keeps,
   and the generation engine (HF: the KV cache; vLLM: its `gpu_memory_utilization` share of the GPU).
 
@@ -420,7 +421,8 @@ def _plan_offline(cfg: OfflineRunConfig, n: int, gpu: float | None) -> MemoryPla
     completion = seq if is_rm else seq - 1  # a classifier's head reads every position
     b, checkpointing = DTYPE_BYTES[m.dtype], m.gradient_checkpointing and not is_rm
     act, logits = activation_bytes(trained.shape, rows, seq, completion, b, checkpointing, not is_rm)
-    _checkpointing_note(trained.shape, (rows, seq, completion, b), checkpointing, act, notes)
+    if not is_rm:  # the reward-model trainer does not checkpoint
+        _checkpointing_note(trained.shape, (rows, seq, completion, b), checkpointing, act, notes)
     return _assemble(
         ("offline", name, m.parallel, n, gpu), entries, (rows, seq, completion), (act, logits, 0, 0), notes
     )
@@ -561,8 +563,8 @@ def format_plan(plan: MemoryPlan) -> str:
             "HF engine, one rollout" if p.kind == "online" else "no generation",
         ],
         ["vLLM engine", _human(p.bytes_engine), "gpu_memory_utilization share"],
-        ["FSDP gather", _human(p.bytes_fsdp_buffer), "training: largest unit unsharded"],
-        ["FSDP gather", _human(p.bytes_fsdp_generation), "generation: whole policy unsharded"],
+        ["FSDP unit", _human(p.bytes_fsdp_buffer), "training: largest unit gathered unsharded"],
+        ["FSDP gather", _human(p.bytes_fsdp_generation), "generation: whole policy gathered unsharded"],
         ["DDP buckets", _human(p.bytes_ddp_buckets), "a second copy of the gradients"],
     ]
     extra += [[f"phase: {name}", _human(v), ""] for name, v in p.phases.items()]
