@@ -70,6 +70,10 @@ class VLLMConfig:
     """True skips CUDA-graph capture (faster start, slower decode)."""
     max_model_len: int = 0
     """Longest prompt + completion vLLM plans for; 0 = the model's own context length."""
+    sleep_mode: bool = False
+    """Free vLLM's KV cache between rollouts (more memory for training, slower wake-up)."""
+    attention_backend: str = ""
+    """vLLM attention backend override, e.g. FLEX_ATTENTION for tiny head sizes; "" = vLLM's choice."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ Shapes: prompt_ids/prompt_mask (B, Tp), completion_ids/completion_mask (B, T), o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -27,6 +29,41 @@ HEAD_CHUNK_ROWS = 8
 def unwrap_peft(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (LoRA layers stay injected), else the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class TrainForward(nn.Module):
+    """One module whose forward runs any model->tensors function of this file on `model`.
+
+    Distributed wrappers (DDP, FSDP2's `fully_shard`) act in a module's forward; our forwards call the
+    backbone and the output head separately. Wrapping `TrainForward(model)` and calling
+    `wrapper(fn, *args)` puts the whole computation inside one forward the wrapper sees. The functions
+    below do this by themselves when handed such a wrapper (`routed`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The model inside a TrainForward (bare or inside DDP), else the model itself."""
+    inner = getattr(model, "module", model)
+    return inner.model if isinstance(inner, TrainForward) else model
+
+
+def routed(fn):
+    """Decorator: `fn(model, ...)` called with a TrainForward (bare or inside DDP) runs through its forward."""
+
+    @functools.wraps(fn)
+    def call(model: nn.Module, *args, **kwargs):
+        if isinstance(getattr(model, "module", model), TrainForward):
+            return model(fn, *args, **kwargs)
+        return fn(model, *args, **kwargs)
+
+    return call
 
 
 def _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask) -> None:
@@ -141,6 +178,7 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0 to compute log-probs, got {temperature}")
 
 
+@routed
 def completion_logprobs_and_entropy(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -210,6 +248,7 @@ def sequence_logprobs(
     ).sum(-1)
 
 
+@routed
 def value_forward(
     value_model: nn.Module,
     prompt_ids: torch.Tensor,

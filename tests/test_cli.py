@@ -43,6 +43,6 @@ def test_copg_bandit_command(tmp_path):
 def test_every_subcommand_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"train", "repro", "eval", "serve", "synth", "experiment"}
+    assert set(sub.choices) == {"train", "repro", "eval", "serve", "synth", "experiment", "plan"}
     out = subprocess.run([sys.executable, "-m", "polyalign.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout

@@ -53,8 +53,8 @@ def test_every_algorithm_trains(tmp_path, algo):
 def test_group_minibatches_keep_whole_groups():
     parts = group_minibatches(num_groups=4, group_size=3, parts=2, micro_rows=3)
     assert [[r.tolist() for r in micros] for micros in parts] == [
-        [[0, 1, 2], [3, 4, 5]],
-        [[6, 7, 8], [9, 10, 11]],
+        [[0, 1, 2], [6, 7, 8]],  # strided: groups 0 and 2
+        [[3, 4, 5], [9, 10, 11]],  # groups 1 and 3
     ]
 
 

@@ -18,10 +18,13 @@ from typing import Any
 
 import torch
 
+from polyalign.logprobs import routed
+
 DEFAULT_TEMPLATE = "{prompt}{completion}"
 _TEMPLATE_FIELDS = {"prompt", "completion"}
 
 
+@routed
 def sequence_scores(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:

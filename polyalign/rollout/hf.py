@@ -213,11 +213,16 @@ class HFEngine:
 
         Rows that finish are dropped from the KV cache and the batch, so later steps cost only the live rows.
         Random numbers are drawn for all B rows every step and indexed by row, so a row's completion depends
-        on the seed and its own prompt only, never on when other rows finished.
+        on the seed and its own prompt only, never on when other rows finished. A batch split across
+        processes draws the whole batch's numbers (`sampling.total_rows`) and uses its rows' share
+        (from `sampling.row_offset`), so the split does not change any completion.
         """
         device = prompt_ids.device
         generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
         rows, width, steps = prompt_ids.shape[0] * n, prompt_ids.shape[1], sampling.max_new_tokens
+        offset, total = sampling.row_offset, sampling.total_rows or rows
+        if offset < 0 or offset + rows > total:
+            raise ValueError(f"sampling: rows {offset}..{offset + rows} do not fit in total_rows={total}")
         runner = self._runner(rows, width + steps)
         ids = torch.full((rows, steps), self.pad_id, dtype=torch.long, device=device)  # (B, T)
         logprobs = torch.zeros((rows, steps), dtype=torch.float32, device=device)  # (B, T)
@@ -235,7 +240,7 @@ class HFEngine:
         for step in range(steps):
             uniform = None
             if sampling.temperature > 0:
-                uniform = torch.rand(rows, generator=generator, device=device)
+                uniform = torch.rand(total, generator=generator, device=device)[offset : offset + rows]
                 uniform = uniform if len(live) == rows else uniform[live]
             tokens, token_logprobs = sample_tokens(logits, sampling, uniform=uniform)  # (L,), (L,)
             ids[live, step], logprobs[live, step] = tokens, token_logprobs

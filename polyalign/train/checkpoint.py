@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 CHECKPOINTS = "checkpoints"
@@ -164,16 +164,19 @@ def _restore_rng(state: dict) -> None:
 def _write_checkpoint_files(
     tmp: Path,
     step: int,
-    models: dict[str, nn.Module],
-    optimizer: torch.optim.Optimizer | None,
+    models: dict[str, nn.Module | dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer | dict | None,
     scheduler_state: dict | None,
     trainer_state: dict | None,
 ) -> None:
     for name, model in models.items():
-        # save_model stores tensors shared between parameters (tied embeddings) once.
-        save_model(model, str(tmp / f"{name}.safetensors"))
+        if isinstance(model, dict):  # full weights gathered from shards (train/distributed.py)
+            save_file(model, str(tmp / f"{name}.safetensors"))
+        else:  # save_model stores tensors shared between parameters (tied embeddings) once.
+            save_model(model, str(tmp / f"{name}.safetensors"))
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        torch.save(state, tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     state = {
         "step": step,
@@ -205,15 +208,16 @@ def _check_save_args(step: int, models: dict, keep_last: int | None) -> None:
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
-    models: dict[str, nn.Module],
-    optimizer: torch.optim.Optimizer | None = None,
+    models: dict[str, nn.Module | dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer | dict | None = None,
     scheduler_state: dict | None = None,
     trainer_state: dict | None = None,
     keep_last: int | None = 2,
 ) -> Path:
     """Write `run_dir/checkpoints/step_<step>/` atomically, point `latest` at it, prune old ones.
 
-    Pruning (keep_last not None) keeps the `keep_last` newest checkpoints with step <= `step` plus the one
+    `models` values are modules, or full state dicts (gathered from FSDP shards); `optimizer` is an optimizer
+    or its state dict. Pruning (keep_last not None) keeps the `keep_last` newest checkpoints with step <= `step` plus the one
     `best` points to; checkpoints with a larger step belong to an abandoned timeline (the run was resumed
     from an earlier checkpoint) and are removed too. Returns the checkpoint directory.
     """
@@ -313,15 +317,31 @@ def load_checkpoint(
             raise FileNotFoundError(
                 f"load_checkpoint: {ckpt} has no model {name!r}; it has {state['models']}"
             )
-        load_model(model, str(weights), strict=True)
+        if _sharded(model):
+            from polyalign.train.distributed import load_full_model_state
+
+            load_full_model_state(model, load_file(str(weights)))
+        else:
+            load_model(model, str(weights), strict=True)
     if optimizer is not None:
         if not (ckpt / "optimizer.pt").is_file():
             raise FileNotFoundError(f"load_checkpoint: {ckpt} was saved without an optimizer")
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+        saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        if any(_sharded(m) for m in models.values()):
+            from polyalign.train.distributed import load_full_optimizer_state
+
+            load_full_optimizer_state(models, optimizer, saved)
+        else:
+            optimizer.load_state_dict(saved)
     if restore_rng:
         _restore_rng(torch.load(ckpt / "rng.pt", weights_only=True))
     state["path"] = str(ckpt)
     return state
+
+
+def _sharded(model: nn.Module) -> bool:
+    """True for a model whose parameters are FSDP shards (DTensors)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def resume_run(run) -> bool:

@@ -170,7 +170,8 @@ def step_optimizer(
         _zero_grads(params, optimizer)
         return StepResult(grad_norm=float("nan"), skipped=True, reason="nonfinite_loss")
     clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=False))
+    norm = torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=False)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     if not math.isfinite(grad_norm):
         _zero_grads(params, optimizer)
         return StepResult(grad_norm=grad_norm, skipped=True, reason="nonfinite_grad_norm")

@@ -23,11 +23,12 @@ from torch import nn
 from polyalign import losses
 from polyalign.config_offline import LossConfig, OfflineRunConfig
 from polyalign.logprobs import completion_logprobs
-from polyalign.train.checkpoint import mark_best, save_checkpoint
+from polyalign.train import distributed
 from polyalign.train.loop import lr_at, micro_batches, set_lr, step_optimizer
 from polyalign.train.offline_batches import Micro, make_micro, pair_logprobs, pair_scores
 from polyalign.train.offline_data import batch_indices, sft_sides
 from polyalign.train.offline_run import OfflineRun, finish_offline_run, setup_offline_run
+from polyalign.train.run import save_run_checkpoint
 
 LossOut = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]  # loss, stats, margins (B,)
 
@@ -131,13 +132,17 @@ def _accumulate(into: dict[str, float], values: dict, weight: float) -> None:
 
 
 def update_phase(run: OfflineRun, rows: list[int], use_rejected: torch.Tensor) -> dict[str, float]:
-    """One optimizer step on `rows`, gradients accumulated over micro-batches weighted to the batch mean."""
-    cfg = run.cfg
+    """One optimizer step on `rows` (the whole batch; this process trains on its share), gradients
+    accumulated over micro-batches and weighted so that, averaged over processes, they are the batch mean."""
+    cfg, world = run.cfg, run.world
     loss_fn = LOSSES[cfg.loss.name]
     weights = row_weights(cfg.loss.name, run.train_set.pairs, rows, use_rejected)
     total, stats = sum(weights), {}
+    share = distributed.shard(len(rows), world, "train.batch_size")
+    rows, weights, use_rejected = rows[share], weights[share], use_rejected[share]
     run.model.train()
-    for part in micro_batches(len(rows), cfg.train.micro_batch_size or len(rows)):
+    parts = micro_batches(len(rows), cfg.train.micro_batch_size or len(rows))
+    for i, part in enumerate(parts):
         micro = make_micro(
             run.train_set,
             rows[part],
@@ -147,13 +152,15 @@ def update_phase(run: OfflineRun, rows: list[int], use_rejected: torch.Tensor) -
             run.needs_ref,
             use_rejected[part],
         )
-        loss, loss_stats, _ = loss_fn(run.model, cfg.loss, micro)
-        weight = sum(weights[part]) / total
-        (loss * weight).backward()
+        with distributed.accumulating(run.train_model, last=i == len(parts) - 1):
+            loss, loss_stats, _ = loss_fn(run.train_model, cfg.loss, micro)
+            weight = sum(weights[part]) / total * world.size  # processes average their gradients
+            (loss * weight).backward()
         _accumulate(stats, {"loss": loss, **loss_stats}, weight)
     result = step_optimizer(run.model.parameters(), run.optimizer, cfg.train.max_grad_norm)
     if result.skipped:
         run.console(f"step skipped: {result.reason}")
+    stats = distributed.mean_metrics({**stats, "pairs_per_process": len(rows)}, world)
     return {**stats, "grad_norm": result.grad_norm, "skipped_steps": float(result.skipped)}
 
 
@@ -193,7 +200,7 @@ def evaluate(run: OfflineRun, step: int) -> dict[str, float]:
     loss_sum, margins = 0.0, []
     for part in micro_batches(n, cfg.eval.batch_size):
         micro = make_micro(data, rows[part], run.pad_id, cfg.model.device, run.ref, run.needs_ref)
-        loss, _, part_margins = LOSSES[cfg.loss.name](run.model, cfg.loss, micro)
+        loss, _, part_margins = LOSSES[cfg.loss.name](run.train_model, cfg.loss, micro)
         loss_sum += float(loss) * sum(weights[part])
         margins.append(part_margins.float().cpu())
     run.model.train()
@@ -231,11 +238,7 @@ def maybe_checkpoint(run: OfflineRun, step: int) -> None:
         if _is_better(result, run.state.get("best_eval")):
             run.state["best_eval"], is_best = {**result, "step": step}, True
     if (cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0) or last or is_best:
-        save_checkpoint(
-            run.run_dir, step, run.models(), run.optimizer, None, run.state, keep_last=cfg.output.keep_last
-        )
-        if is_best:
-            mark_best(run.run_dir, step)
+        save_run_checkpoint(run, step, is_best)
 
 
 # ---------------------------------------------------------------- the loop
@@ -260,4 +263,6 @@ def train_offline(cfg: OfflineRunConfig, resume: bool = False) -> dict:
     report, run directory, exported model)."""
     run = setup_offline_run(cfg, resume=resume)
     train_loop(run)
-    return finish_offline_run(run)
+    summary = finish_offline_run(run)
+    distributed.close_world(run.world)
+    return summary

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from polyalign.data.chat import PreferenceBatch, collate_pairs
-from polyalign.logprobs import completion_logprobs
+from polyalign.logprobs import completion_logprobs, inner_model
 from polyalign.rewards.model import sequence_scores
 from polyalign.train.loop import micro_batches
 from polyalign.train.offline_data import PairSet
@@ -55,7 +55,7 @@ def join_right_padded(
 def pair_scores(model: nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Reward-model scores (B,) of prompt + chosen and prompt + rejected, from one forward of 2B rows. The
     classifier reads the last real token (EOS when the completion was not truncated)."""
-    b, pad_id = batch, model.config.pad_token_id
+    b, pad_id = batch, inner_model(model).config.pad_token_id
     ids, mask = join_right_padded(
         torch.cat([b.prompt_ids, b.prompt_ids]),
         torch.cat([b.prompt_mask, b.prompt_mask]),

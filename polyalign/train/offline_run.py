@@ -7,6 +7,7 @@ loop and the losses; this file holds no algorithm.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ from polyalign.config import ConfigError, dump_yaml
 from polyalign.config_offline import OfflineRunConfig
 from polyalign.models import load_policy, load_reference, load_tokenizer, resolve_model_path
 from polyalign.report import write_run_report
-from polyalign.train.checkpoint import atomic_write_text, claim_run_dir, resume_run
-from polyalign.train.logging import MetricsLogger, Progress, print0
+from polyalign.train import distributed
+from polyalign.train.checkpoint import atomic_write_text, resume_run
+from polyalign.train.distributed import World
+from polyalign.train.logging import MetricsLogger, NullLogger, Progress, print0
 from polyalign.train.loop import build_optimizer, seed_everything
 from polyalign.train.offline_batches import precompute_reference
 from polyalign.train.offline_data import PairSet, build_pair_sets
@@ -43,6 +46,11 @@ class OfflineRun:
     data_report: dict
     start_step: int = 0
     state: dict = field(default_factory=dict)  # step, eval at start, best eval: saved in checkpoints
+    world: World = field(default_factory=World)
+    train_model: torch.nn.Module | None = None  # what training forwards go through (DDP/FSDP wrapper)
+
+    def __post_init__(self) -> None:
+        self.train_model = self.train_model or self.model
 
     @property
     def needs_ref(self) -> bool:
@@ -83,6 +91,14 @@ def load_trained_model(cfg: OfflineRunConfig) -> torch.nn.Module:
     return model
 
 
+def _with_lora(cfg: OfflineRunConfig, model: torch.nn.Module) -> torch.nn.Module:
+    if cfg.model.lora is None:
+        return model
+    from polyalign.lora import apply_lora
+
+    return apply_lora(model, cfg.model.lora)
+
+
 def setup_reference(cfg: OfflineRunConfig, model, train_set: PairSet, eval_set: PairSet | None, pad_id: int):
     """Cache the reference log-probs of every pair (returns None) or return a frozen reference model. The
     reference is model.reference, else the starting policy (which, when caching, is the policy itself)."""
@@ -91,6 +107,10 @@ def setup_reference(cfg: OfflineRunConfig, model, train_set: PairSet, eval_set: 
         ref = load_reference(m.reference, dtype=m.dtype, device=m.device)[0]
     elif cfg.reference.precompute:
         ref = model  # read before any update, so it is the starting policy
+    elif m.lora is not None:
+        from polyalign.lora import reference_view
+
+        ref = reference_view(model)  # the base: the adapter disabled, no second copy
     else:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     if not cfg.reference.precompute:
@@ -104,25 +124,31 @@ def setup_reference(cfg: OfflineRunConfig, model, train_set: PairSet, eval_set: 
 def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun:
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
+    world, device = distributed.init_world(cfg.model.device)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
     seed_everything(cfg.train.seed)
-    run_dir = claim_run_dir(cfg.output.run_dir, resume)
+    run_dir = distributed.claim_on_main(cfg.output.run_dir, resume, world, dump_yaml(cfg))
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.policy))
     # Data before the model: bad data fails fast, naming file, line and field.
     train_set, eval_set, data_report = build_pair_sets(cfg, tokenizer, console=print0)
-    model = load_trained_model(cfg)
+    model = _with_lora(cfg, load_trained_model(cfg))
     ref = None
     if cfg.loss.name in NEEDS_REFERENCE:
         ref = setup_reference(cfg, model, train_set, eval_set, tokenizer.pad_token_id)
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    atomic_write_text(run_dir / "data_report.json", json.dumps(data_report, indent=1, ensure_ascii=False))
+    if world.is_main:
+        atomic_write_text(run_dir / "data_report.json", json.dumps(data_report, indent=1, ensure_ascii=False))
     steps = total_steps(cfg, len(train_set))
+    distributed.shard(cfg.train.batch_size, world, "train.batch_size")  # fails early when it cannot split
+    train_model = distributed.wrap(model, cfg.model.parallel, world)
+    if ref is not None and type(ref).__module__ != "polyalign.lora":
+        ref = distributed.wrap(ref, cfg.model.parallel, world, trainable=False)
     optimizer = build_optimizer(
         model.named_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
     progress = Progress(
         total=steps,
         keys=("loss", "accuracy"),
-        enabled=cfg.output.progress,
+        enabled=cfg.output.progress and world.is_main,
         print_every=10 if cfg.output.progress else 0,
     )
     run = OfflineRun(
@@ -134,10 +160,12 @@ def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun
         train_set,
         eval_set,
         optimizer,
-        MetricsLogger(run_dir),
+        MetricsLogger(run_dir) if world.is_main else NullLogger(),
         progress,
         steps,
         data_report,
+        world=world,
+        train_model=train_model,
     )
     if resume:
         resume_run(run)
@@ -167,8 +195,17 @@ def finish_offline_run(run: OfflineRun) -> dict:
     run.progress.close()
     run.logger.close()
     export = run.run_dir / "model"
-    run.model.save_pretrained(export)
-    run.tokenizer.save_pretrained(export)
+    weights = (
+        distributed.full_model_state(run.model, run.world) if distributed.is_sharded(run.model) else None
+    )
+    if run.world.is_main and run.cfg.model.lora is not None:
+        from polyalign.lora import export_lora
+
+        export_lora(run.model, export, run.cfg.model.lora.save, run.tokenizer)  # model/adapter, model/merged
+    elif run.world.is_main:
+        run.model.save_pretrained(export, **({"state_dict": weights} if weights is not None else {}))
+        run.tokenizer.save_pretrained(export)
+    distributed.barrier(run.world)
     cfg = run.cfg
     summary = {
         "run_dir": str(run.run_dir),
@@ -180,6 +217,8 @@ def finish_offline_run(run: OfflineRun) -> dict:
         "data": run.data_report,
         "model": str(export),
     }
+    if not run.world.is_main:
+        return summary
     if cfg.output.report:
         text = (
             f"Loss `{cfg.loss.name}` (beta {cfg.loss.beta}), model `{cfg.model.policy}`, data `{cfg.data.train}`, "

@@ -21,7 +21,8 @@ import torch
 from polyalign import losses
 from polyalign.config import RunConfig
 from polyalign.logprobs import completion_logprobs
-from polyalign.train import ppo
+from polyalign.rollout.mismatch import logprob_mismatch
+from polyalign.train import distributed, ppo
 from polyalign.train.loop import lr_at, set_lr, step_optimizer
 from polyalign.train.run import Run, evaluate, finish_run, maybe_checkpoint, setup_run
 from polyalign.types import Rollout, Sampling
@@ -44,7 +45,8 @@ class Scored:
 
 def generate_phase(run: Run, step: int) -> Rollout:
     cfg = run.cfg
-    prompts, columns = run.next_prompts(step)
+    prompts, columns = run.next_prompts(step)  # this process's share
+    rows = len(prompts) * cfg.rollout.samples_per_prompt
     sampling = Sampling(
         max_new_tokens=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature,
@@ -52,8 +54,10 @@ def generate_phase(run: Run, step: int) -> Rollout:
         top_k=cfg.rollout.top_k,
         stop_strings=tuple(cfg.rollout.stop_strings),
         seed=cfg.train.seed * 7919 + step,
+        row_offset=run.world.rank * rows,
+        total_rows=run.world.size * rows,
     )
-    return run.engine.generate(prompts, n=cfg.rollout.samples_per_prompt, sampling=sampling, extras=columns)
+    return run.generate(prompts, n=cfg.rollout.samples_per_prompt, sampling=sampling, extras=columns)
 
 
 def score_phase(run: Run, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -90,9 +94,12 @@ def reference_phase(run: Run, rollout: Rollout, scores: torch.Tensor, components
 
 
 def advantage_phase(run: Run, scored: Scored) -> torch.Tensor:
-    """Per-completion advantages (B,) for the REINFORCE family; RAFT/CoPG/PPO use their own signals."""
+    """Per-completion advantages (B,) for the REINFORCE family; RAFT/CoPG/PPO use their own signals.
+
+    Computed on the whole batch gathered from every process (baselines and whitening see all rows), then
+    this process's rows are returned."""
     a, G = run.cfg.algo, run.cfg.rollout.samples_per_prompt
-    R = scored.rewards
+    R = distributed.gather_rows(scored.rewards, run.world)
     if a.name == "rloo":
         adv = losses.rloo_advantages(R.view(-1, G)).flatten()
     elif a.name == "reinforce":
@@ -102,7 +109,8 @@ def advantage_phase(run: Run, scored: Scored) -> torch.Tensor:
         run.state["baseline"] = {"mean": float(new.mean), "count": int(new.count)}
     else:  # vanilla_pg, and the signals others ignore
         adv = R.clone()
-    return losses.whiten(adv) if a.whiten_advantages else adv
+    adv = losses.whiten(adv) if a.whiten_advantages else adv
+    return adv[distributed.shard(len(adv), run.world, "rollout rows")]
 
 
 # ---------------------------------------------------------------- update
@@ -111,12 +119,16 @@ def advantage_phase(run: Run, scored: Scored) -> torch.Tensor:
 def group_minibatches(
     num_groups: int, group_size: int, parts: int, micro_rows: int
 ) -> list[list[torch.Tensor]]:
-    """Split whole groups into `parts` minibatches, each into micro-batches of row indices."""
+    """Split whole groups into `parts` minibatches, each into micro-batches of row indices.
+
+    Minibatch p holds groups p, p + parts, p + 2 * parts, ...: strided, so that when the batch is split
+    across processes in contiguous shares, each process's minibatch p is its share of the global one.
+    """
     per_part = num_groups // parts
     micro_groups = max(1, micro_rows // group_size) if micro_rows else per_part
     out = []
     for p in range(parts):
-        groups = torch.arange(p * per_part, (p + 1) * per_part)
+        groups = torch.arange(p, num_groups, parts)
         micros = [groups[i : i + micro_groups] for i in range(0, per_part, micro_groups)]
         out.append([(g[:, None] * group_size + torch.arange(group_size)).flatten() for g in micros])
     return out
@@ -154,26 +166,26 @@ def policy_loss_fn(run: Run, rollout: Rollout, scored: Scored, advantages: torch
 def update_phase(run: Run, rollout: Rollout, scored: Scored, advantages: torch.Tensor) -> dict[str, float]:
     """updates_per_batch optimizer steps over minibatches of whole groups, gradients accumulated over micro-batches."""
     cfg, G = run.cfg, run.cfg.rollout.samples_per_prompt
-    loss_fn = policy_loss_fn(run, rollout, scored, advantages)
     parts = group_minibatches(rollout.num_prompts, G, cfg.algo.updates_per_batch, cfg.train.micro_batch_size)
+    stats: dict[str, float] = {}
+    if cfg.algo.importance_correction == "tis":
+        advantages, stats = importance_corrected(run, rollout, advantages, parts)
+    loss_fn = policy_loss_fn(run, rollout, scored, advantages)
     if cfg.algo.name == "raft":  # best of k by KL-shaped reward; the other rows need no forward at all
         best = scored.rewards.view(-1, G).argmax(-1) + torch.arange(rollout.num_prompts) * G
         parts = [[best[torch.isin(best, r)] for r in micros] for micros in parts]
-    stats: dict[str, float] = {}
     run.policy.train()
-    for micros in parts:
+    for index, micros in enumerate(parts):
         total = sum(len(r) for r in micros)
-        for rows in micros:
-            logp = completion_logprobs(
-                run.policy,
-                rollout.prompt_ids[rows],
-                rollout.prompt_mask[rows],
-                rollout.completion_ids[rows],
-                rollout.completion_mask[rows],
-                temperature=run.logprob_temperature,
-            )
-            loss, loss_stats = loss_fn(logp, rows)
-            (loss * (len(rows) / total)).backward()
+        for m, rows in enumerate(micros):
+            with distributed.accumulating(run.policy_train, last=m == len(micros) - 1):
+                logp = _policy_logprobs(run, rollout, rows)
+                loss, loss_stats = loss_fn(logp, rows)
+                (loss * (len(rows) / total)).backward()
+            if index == 0 and "mismatch/token_abs_mean" not in stats:  # still the policy the sampler used
+                stats.update(
+                    logprob_mismatch(rollout.logprobs[rows], logp.detach(), rollout.completion_mask[rows])
+                )
             _accumulate(stats, {"loss": loss, **loss_stats}, len(rows) / total / len(parts))
         result = step_optimizer(run.policy.parameters(), run.optimizer, cfg.train.max_grad_norm)
         stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(result.grad_norm) / len(parts)
@@ -182,6 +194,40 @@ def update_phase(run: Run, rollout: Rollout, scored: Scored, advantages: torch.T
             run.console(f"step skipped: {result.reason}")
     run.engine.load_weights(run.policy)
     return stats
+
+
+def _policy_logprobs(run: Run, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+    return completion_logprobs(
+        run.policy_train,
+        rollout.prompt_ids[rows],
+        rollout.prompt_mask[rows],
+        rollout.completion_ids[rows],
+        rollout.completion_mask[rows],
+        temperature=run.logprob_temperature,
+    )
+
+
+@torch.no_grad()
+def importance_corrected(
+    run: Run, rollout: Rollout, advantages: torch.Tensor, parts: list[list[torch.Tensor]]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance sampling (algo.importance_correction: tis) at the sequence level.
+
+    w_b = min(exp(sum_t log pi_train(y_bt) - log pi_sampler(y_bt)), importance_cap), A_b <- w_b * A_b:
+    the gradient becomes that of samples from the trainer's own policy when the engine's numerics differ
+    (vLLM, bf16). pi_train is the policy before this batch's updates (one extra no-grad forward).
+    """
+    trainer = torch.zeros_like(rollout.logprobs)
+    for micros in parts:
+        for rows in micros:
+            trainer[rows] = _policy_logprobs(run, rollout, rows).float()
+    mask = rollout.completion_mask
+    log_ratio = ((trainer - rollout.logprobs.float()) * mask).sum(-1)
+    weights = log_ratio.exp().clamp(max=run.cfg.algo.importance_cap)
+    stats = logprob_mismatch(rollout.logprobs, trainer, mask)
+    stats["importance_weight_mean"] = float(weights.mean())
+    stats["importance_weight_capped"] = float((log_ratio.exp() > run.cfg.algo.importance_cap).float().mean())
+    return advantages * weights.to(advantages.dtype), stats
 
 
 def _accumulate(into: dict[str, float], values: dict, weight: float) -> None:
@@ -205,7 +251,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         stats = update_phase(run, rollout, scored, advantage_phase(run, scored))
     t3 = time.perf_counter()
     tokens = int(rollout.completion_lengths.sum())
-    metrics = {
+    metrics: dict = {
         "reward": scored.rewards.mean(),
         "score": scored.scores.mean(),
         "kl": scored.kl.mean(),
@@ -219,7 +265,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         "time/update": t3 - t2,
         "time/step": t3 - t0,
         "tokens_per_s": tokens / max(t1 - t0, 1e-9),
+        "rows_per_process": len(rollout.completions),
     }
+    metrics = distributed.mean_metrics({k: float(v) for k, v in metrics.items()}, run.world)
+    metrics["tokens_per_s"] *= run.world.size  # all processes together
     if run.cfg.output.sample_every and step % run.cfg.output.sample_every == 0:
         run.logger.log_samples(
             step, rollout.prompts_per_row[:4], rollout.completions[:4], scored.rewards[:4].tolist()
@@ -248,4 +297,6 @@ def train_online(cfg: RunConfig, resume: bool = False) -> dict:
     """Train a policy online from a reward; returns a summary (start and best evaluation, run directory)."""
     run = setup_run(cfg, resume=resume)
     train_loop(run)
-    return finish_run(run)
+    summary = finish_run(run)
+    distributed.close_world(run.world)
+    return summary

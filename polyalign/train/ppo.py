@@ -43,7 +43,7 @@ def ppo_update(run, rollout, scored) -> dict[str, float]:
     args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
     mask = rollout.completion_mask
     with torch.no_grad():
-        old_values = value_forward(run.value_model, *args)  # (B, T)
+        old_values = value_forward(run.value_train, *args)  # (B, T)
         kl_t = (
             losses.kl_estimate(rollout.logprobs, scored.ref_logprobs, kind=a.kl_estimator)
             if scored.ref_logprobs is not None
@@ -70,12 +70,12 @@ def ppo_update(run, rollout, scored) -> dict[str, float]:
             for m in range(0, len(rows_mb), micro):
                 rows = rows_mb[m : m + micro]
                 sub = tuple(t[rows] for t in args)
-                logp = completion_logprobs(run.policy, *sub, temperature=run.logprob_temperature)
+                logp = completion_logprobs(run.policy_train, *sub, temperature=run.logprob_temperature)
                 pl, pstats = losses.ppo_clip_loss(
                     logp, rollout.logprobs[rows], advantages[rows], mask[rows], clip_eps=a.ppo_clip_eps
                 )
                 vl, vstats = losses.value_loss(
-                    value_forward(run.value_model, *sub),
+                    value_forward(run.value_train, *sub),
                     old_values[rows],
                     returns[rows],
                     mask[rows],

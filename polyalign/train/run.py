@@ -6,6 +6,7 @@ calls into this; it holds no algorithm.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,18 +17,19 @@ import torch
 from polyalign import losses
 from polyalign.config import RunConfig, dump_yaml
 from polyalign.data.prompts import PromptSet, check_prompt_lengths, load_prompts, prompt_batch
-from polyalign.logprobs import completion_logprobs
+from polyalign.logprobs import completion_logprobs, unwrap_peft
 from polyalign.models import load_policy, load_reference
 from polyalign.rewards import build_reward, score_all
 from polyalign.rollout import build_engine
+from polyalign.train import distributed
 from polyalign.train.checkpoint import (
     atomic_write_text,
-    claim_run_dir,
     mark_best,
     resume_run,
     save_checkpoint,
 )
-from polyalign.train.logging import MetricsLogger, Progress, print0
+from polyalign.train.distributed import World, gathered
+from polyalign.train.logging import MetricsLogger, NullLogger, Progress, print0
 from polyalign.train.loop import build_optimizer, seed_everything
 from polyalign.types import Sampling
 
@@ -49,6 +51,13 @@ class Run:
     value_model: torch.nn.Module | None = None
     start_step: int = 0
     state: dict = field(default_factory=dict)  # step, REINFORCE baseline, best eval: saved in checkpoints
+    world: World = field(default_factory=World)
+    policy_train: torch.nn.Module | None = None  # what training forwards go through (DDP/FSDP wrapper)
+    value_train: torch.nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        self.policy_train = self.policy_train or self.policy
+        self.value_train = self.value_train or self.value_model
 
     @property
     def logprob_temperature(self) -> float:
@@ -56,7 +65,17 @@ class Run:
         return t if t > 0 else 1.0
 
     def next_prompts(self, step: int) -> tuple[list[str], dict]:
-        return prompt_batch(self.prompts, step, self.cfg.rollout.prompts_per_step, self.cfg.train.seed)
+        """This process's share of step `step`'s prompts (all of them with one process)."""
+        prompts, columns = prompt_batch(
+            self.prompts, step, self.cfg.rollout.prompts_per_step, self.cfg.train.seed
+        )
+        part = distributed.shard(len(prompts), self.world, "rollout.prompts_per_step")
+        return prompts[part], {k: v[part] for k, v in columns.items()}
+
+    def generate(self, prompts: list[str], n: int, sampling: Sampling, extras: dict | None = None):
+        """The engine's rollout, on gathered weights when the policy is FSDP-sharded."""
+        with gathered(self.policy_train if self.world.distributed else None):
+            return self.engine.generate(prompts, n=n, sampling=sampling, extras=extras)
 
     def score(self, prompts: list[str], completions: list[str], **columns) -> tuple[torch.Tensor, dict]:
         return score_all(self.rewards, self.cfg.reward.functions, prompts, completions, **columns)
@@ -71,9 +90,10 @@ class Run:
 def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
+    world, device = distributed.init_world(cfg.model.device)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
     seed_everything(cfg.train.seed)
-    run_dir = claim_run_dir(cfg.output.run_dir, resume)
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    run_dir = distributed.claim_on_main(cfg.output.run_dir, resume, world, dump_yaml(cfg))
 
     policy, tokenizer = load_policy(
         cfg.model.policy,
@@ -81,13 +101,11 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
         device=cfg.model.device,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
     )
-    ref = None
-    if cfg.algo.kl_coef > 0 or cfg.algo.name == "copg":
-        ref = (
-            load_reference(cfg.model.reference, dtype=cfg.model.dtype, device=cfg.model.device)[0]
-            if cfg.model.reference
-            else _frozen_copy(policy)
-        )
+    if cfg.model.lora is not None:
+        from polyalign.lora import apply_lora
+
+        policy = apply_lora(policy, cfg.model.lora)
+    ref = _reference(cfg, policy) if cfg.algo.kl_coef > 0 or cfg.algo.name == "copg" else None
     prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_column)
     check_prompt_lengths(prompts, tokenizer, cfg.data.max_prompt_tokens)
     eval_prompts = (
@@ -98,6 +116,11 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
     from polyalign.train import ppo  # PPO adds a critic with its own parameters
 
     value_model = ppo.build_value_model(cfg, policy) if cfg.algo.name == "ppo" else None
+    strategy = cfg.model.parallel
+    policy_train = distributed.wrap(policy, strategy, world)
+    value_train = distributed.wrap(value_model, strategy, world) if value_model is not None else None
+    if ref is not None and not _is_view(ref):
+        ref = distributed.wrap(ref, strategy, world, trainable=False)
     params = list(policy.parameters()) + (list(value_model.parameters()) if value_model is not None else [])
     optimizer = build_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     run = Run(
@@ -106,23 +129,57 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
         policy,
         ref,
         tokenizer,
-        build_engine(cfg.rollout.engine, policy, tokenizer),
+        _engine(cfg, policy, tokenizer, world),
         rewards,
         prompts,
         eval_prompts,
         optimizer,
-        MetricsLogger(run_dir),
+        MetricsLogger(run_dir) if world.is_main else NullLogger(),
         Progress(
             total=cfg.train.steps,
             keys=("reward", "score", "kl", "length", "tokens_per_s"),
-            enabled=cfg.output.progress,
+            enabled=cfg.output.progress and world.is_main,
             print_every=10 if cfg.output.progress else 0,
         ),
         value_model,
+        world=world,
+        policy_train=policy_train,
+        value_train=value_train,
     )
     if resume:
         _resume(run)
     return run
+
+
+def _reference(cfg: RunConfig, policy: torch.nn.Module) -> torch.nn.Module:
+    """model.reference; else with LoRA the policy's base with the adapter disabled; else a frozen copy."""
+    m = cfg.model
+    if m.reference:
+        return load_reference(m.reference, dtype=m.dtype, device=m.device)[0]
+    if m.lora is not None:
+        from polyalign.lora import reference_view
+
+        return reference_view(policy)
+    return _frozen_copy(policy)
+
+
+def _is_view(ref: torch.nn.Module) -> bool:
+    return type(ref).__module__ == "polyalign.lora"
+
+
+def _engine(cfg: RunConfig, policy: torch.nn.Module, tokenizer, world: World):
+    if cfg.rollout.engine == "vllm":
+        return build_engine("vllm", policy, tokenizer, **dataclasses.asdict(cfg.rollout.vllm))
+    if world.distributed and cfg.model.parallel == "fsdp":
+        from polyalign.rollout import fast_llama
+
+        reason = fast_llama.unsupported_reason(unwrap_peft(policy), 1)
+        if reason is not None:
+            raise ValueError(
+                f"model.parallel=fsdp generates on gathered weights with the fast Llama-family decoder, "
+                f"which this model cannot use ({reason}); use model.parallel=ddp or rollout.engine=vllm"
+            )
+    return build_engine(cfg.rollout.engine, policy, tokenizer)
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -136,25 +193,34 @@ def _resume(run: Run) -> None:
         run.engine.load_weights(run.policy)
 
 
+def save_run_checkpoint(run, step: int, is_best: bool) -> None:
+    """Rank 0 writes the checkpoint (FSDP gathers the full state first, on every rank). Online and offline."""
+    models, optimizer = distributed.checkpoint_payload(run.models(), run.optimizer, run.world)
+    if run.world.is_main:
+        keep = run.cfg.output.keep_last
+        path = save_checkpoint(run.run_dir, step, models, optimizer, None, run.state, keep_last=keep)
+        lora = run.cfg.model.lora
+        if lora is not None:  # also as peft adapter and/or merged transformers model, next to the state
+            from polyalign.lora import export_lora
+
+            export_lora(next(iter(run.models().values())), path, lora.save, run.tokenizer)
+        if is_best:
+            mark_best(run.run_dir, step)
+    distributed.barrier(run.world)
+
+
 def maybe_checkpoint(run: Run, step: int) -> None:
     cfg = run.cfg
     last = step == cfg.train.steps
+    is_best = False
     if cfg.eval.every and (step % cfg.eval.every == 0 or last):
         result = evaluate(run, step)
         best = run.state.get("best_eval")
         if best is None or result["eval/reward"] > best["eval/reward"]:
             run.state["best_eval"] = {**result, "step": step}
             is_best = True
-        else:
-            is_best = False
-    else:
-        is_best = False
     if (cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0) or last or is_best:
-        save_checkpoint(
-            run.run_dir, step, run.models(), run.optimizer, None, run.state, keep_last=cfg.output.keep_last
-        )
-        if is_best:
-            mark_best(run.run_dir, step)
+        save_run_checkpoint(run, step, is_best)
 
 
 @torch.inference_mode()
@@ -165,7 +231,7 @@ def evaluate(run: Run, step: int) -> dict:
     cfg = run.cfg
     prompts = run.eval_prompts.prompts[: cfg.eval.num_prompts]
     columns = {k: v[: len(prompts)] for k, v in run.eval_prompts.columns.items()}
-    rollout = run.engine.generate(
+    rollout = run.generate(  # every process evaluates the same prompts; rank 0 writes the results
         prompts,
         n=1,
         sampling=Sampling(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0),
@@ -188,6 +254,8 @@ def evaluate(run: Run, step: int) -> dict:
         {"prompt": p, "completion": c, "score": float(s)}
         for p, c, s in zip(rollout.prompts, rollout.completions, scores)
     ]
+    if not run.world.is_main:
+        return result
     (run.run_dir / "eval").mkdir(exist_ok=True)
     atomic_write_text(
         run.run_dir / "eval" / f"step_{step:06d}.json", json.dumps({**result, "samples": samples}, indent=1)
@@ -198,12 +266,15 @@ def evaluate(run: Run, step: int) -> dict:
 def finish_run(run: Run) -> dict:
     run.progress.close()
     run.logger.close()
+    distributed.barrier(run.world)
     summary = {
         "run_dir": str(run.run_dir),
         "steps": run.cfg.train.steps,
         "eval_start": run.state.get("eval_start"),
         "best_eval": run.state.get("best_eval"),
     }
+    if not run.world.is_main:
+        return summary
     if run.cfg.output.report:
         from polyalign.train.online_report import before_after, write_online_report
 

@@ -1,0 +1,317 @@
+"""Training on N processes under torchrun, on torch.distributed's own engines: DDP and FSDP2 (`fully_shard`).
+
+Launch: `torchrun --nproc_per_node=N --no-python polyalign train CONFIG.yaml` (multi-node: add torchrun's
+`--nnodes --node_rank --rdzv_endpoint` flags; docs/scale.md). The trainer reads WORLD_SIZE/RANK/LOCAL_RANK
+from the environment; with one process nothing here changes anything.
+
+How a run is split (so that N processes compute what one process computes, within float tolerance):
+- Data: every process builds the same global batch (the same seeded prompts or pair indices), then keeps
+  its contiguous share (`shard`). Per-row sampling streams (`Sampling.row_offset`) make a completion depend
+  on the seed and its row, not on the process count. Batch-wide statistics (moving-average baselines,
+  whitening) are computed on the gathered global batch.
+- Gradients: each process's loss is the mean over its own rows; DDP's all-reduce and FSDP's reduce-scatter
+  average over processes, which is the global mean because every process holds as many rows.
+- Models: training forwards go through `TrainForward` (logprobs.py), the one module whose forward the
+  wrapper sees. DDP replicates the weights; FSDP2 shards each decoder layer (the model's
+  `_no_split_modules`) and the rest at the root. Generation with FSDP runs on gathered weights (`gathered`).
+- Checkpoints: rank 0 writes the same files as a one-process run (full weights, optimizer state keyed by
+  parameter index); FSDP gathers them first. Any process count can resume any checkpoint.
+- Logging, reports and files: rank 0 only; logged metrics are averaged over processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from polyalign.logprobs import TrainForward, unwrap_peft
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def launched_world() -> World:
+    """The world torchrun describes in the environment (size 1 when not launched by torchrun)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_world(device: str) -> tuple[World, str]:
+    """Join the process group (gloo on CPU, nccl on CUDA) when torchrun started several processes.
+
+    Returns the world and the device this process uses: "cuda" becomes "cuda:<local rank>".
+    """
+    world = launched_world()
+    if not world.distributed:
+        return world, device
+    if device.startswith("cuda"):
+        device = f"cuda:{world.local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return world, device
+
+
+def current_world() -> World:
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return World()
+
+
+def shard(n: int, world: World, what: str) -> slice:
+    """This process's contiguous share of n items; n must split evenly (a clear error names `what`)."""
+    if n % world.size:
+        raise ValueError(f"{what} ({n}) must be a multiple of the number of processes ({world.size})")
+    per = n // world.size
+    return slice(world.rank * per, (world.rank + 1) * per)
+
+
+def gather_rows(t: torch.Tensor, world: World) -> torch.Tensor:
+    """Concatenate every process's (n, ...) tensor in rank order (all the same shape)."""
+    if not world.distributed:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world.size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def mean_metrics(metrics: dict[str, float], world: World) -> dict[str, float]:
+    """Average each metric over processes (every process logs the same keys)."""
+    if not world.distributed:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / world.size).tolist()))
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def broadcast_object(obj, world: World):
+    """Rank 0's `obj` on every process."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def claim_on_main(run_dir: str, resume: bool, world: World, config_yaml: str) -> Path:
+    """Rank 0 claims the run directory (see `claim_run_dir`) and writes config.yaml; the others wait and
+    raise the same error when it refuses."""
+    from polyalign.train.checkpoint import atomic_write_text, claim_run_dir
+
+    error = None
+    if world.is_main:
+        try:
+            atomic_write_text(claim_run_dir(run_dir, resume) / "config.yaml", config_yaml)
+        except FileExistsError as e:
+            error = str(e)
+    error = broadcast_object(error, world)
+    if error:
+        raise FileExistsError(error)
+    return Path(run_dir)
+
+
+# ---------------------------------------------------------------- wrapping models
+
+
+def _shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards one by one: transformers' `_no_split_modules` (decoder layers)."""
+    names = set(getattr(unwrap_peft(model), "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in names]
+    if not units:
+        raise ValueError(
+            f"fsdp: {type(unwrap_peft(model)).__name__} names no decoder layer class in _no_split_modules; "
+            "use model.parallel: ddp"
+        )
+    return units
+
+
+def wrap(model: nn.Module, strategy: str, world: World, trainable: bool = True) -> nn.Module:
+    """The module training forwards go through (see `logprobs.TrainForward`).
+
+    One process: the model itself. ddp: `DistributedDataParallel(TrainForward(model))` for a trained model,
+    the model itself (replicated, no gradients) for a frozen one. fsdp: `fully_shard` on every decoder
+    layer and on `TrainForward(model)`; the model's parameters become shards (DTensors) in place.
+    """
+    if not world.distributed:
+        return model
+    if strategy == "ddp":
+        if not trainable:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(TrainForward(model), device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        if unwrap_peft(model) is not model:
+            raise ValueError(
+                "model.lora with model.parallel=fsdp is not supported yet (the adapter-disabled reference "
+                "bypasses FSDP's gathering); use model.parallel=ddp: only the small adapter is trained"
+            )
+
+        for unit in _shard_units(model):
+            fully_shard(unit)
+        return fully_shard(TrainForward(model))
+    raise ValueError(f"unknown parallel strategy {strategy!r}; choose ddp or fsdp")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(wrapper: nn.Module | None) -> Iterator[None]:
+    """Within the block an FSDP-sharded model holds full weights (for generation); a no-op otherwise."""
+    units = _fsdp_modules(wrapper) if wrapper is not None else []
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def accumulating(wrapper: nn.Module, last: bool):
+    """DDP: skip the gradient all-reduce on all but the last micro-batch of an optimizer step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(wrapper, DistributedDataParallel) and not last:
+        return wrapper.no_sync()
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """name -> kept name for parameters registered under several names (tied embeddings). The kept name is
+    the alphabetically first one, the one `safetensors.torch.save_model` writes."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {n: min(names) for names in by_id.values() if len(names) > 1 for n in names if n != min(names)}
+
+
+def full_model_state(model: nn.Module, world: World) -> dict[str, torch.Tensor] | None:
+    """The full (unsharded) weights on CPU, on rank 0 (None elsewhere): collective, call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not world.is_main:
+        return None
+    tied = _tied_names(model)
+    return {k: v.contiguous() for k, v in state.items() if k not in tied}
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full weights (as saved by a run with any process count) into a sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = dict(state)
+    for name, kept in _tied_names(model).items():
+        state[name] = state[kept]
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _param_names(models: dict[str, nn.Module]) -> dict[int, str]:
+    return {id(p): f"{key}.{name}" for key, m in models.items() for name, p in m.named_parameters()}
+
+
+def full_optimizer_state(models: dict[str, nn.Module], optimizer, world: World) -> dict | None:
+    """The optimizer state gathered to rank 0 in `optimizer.state_dict()`'s own layout (keyed by parameter
+    index), so that a one-process run can load it; None on other ranks. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    container = nn.ModuleDict(models)
+    full = get_optimizer_state_dict(
+        container, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not world.is_main:
+        return None
+    names = _param_names(models)
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    groups, start = [], 0
+    for saved, live in zip(full["param_groups"], optimizer.param_groups):
+        count = len(live["params"])
+        groups.append(
+            {**{k: v for k, v in saved.items() if k != "params"}, "params": list(range(start, start + count))}
+        )
+        start += count
+    state = {index[name]: value for name, value in full["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state(models: dict[str, nn.Module], optimizer, saved: dict) -> None:
+    """Load an index-keyed optimizer state (any process count) into the optimizer of sharded models."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(models)
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [order[i] for i in g["params"]]}
+        for g in saved["param_groups"]
+    ]
+    state = {order[int(i)]: value for i, value in saved["state"].items()}
+    set_optimizer_state_dict(
+        nn.ModuleDict(models),
+        optimizer,
+        {"state": state, "param_groups": groups},
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def checkpoint_payload(models: dict[str, nn.Module], optimizer, world: World) -> tuple[dict, object]:
+    """What rank 0 hands to `save_checkpoint`: the models and optimizer themselves, or (FSDP) their full
+    state gathered from the shards. Collective when sharded: call on every rank."""
+    if not any(is_sharded(m) for m in models.values()):
+        return models, optimizer
+    states = {name: full_model_state(m, world) for name, m in models.items()}
+    return states, full_optimizer_state(models, optimizer, world)
+
+
+def close_world(world: World) -> None:
+    """Leave the process group at the end of a distributed run."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
