@@ -34,7 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from polyalign.config import LoraConfig
-from polyalign.train.checkpoint import _fsync_dir, _fsync_file, _remove_dir
+from polyalign.train.checkpoint import fsync_dir, fsync_file, remove_dir
 
 EXPORT_MODES = ("adapter", "merged", "both")
 # Class-name suffix -> peft task type; classifiers get their fresh head trained in full (modules_to_save).
@@ -338,15 +338,15 @@ def _write_atomically(final: Path, write) -> Path:
         write(tmp)
         for path in tmp.rglob("*"):
             if path.is_file():
-                _fsync_file(path)
-        _fsync_dir(tmp)
+                fsync_file(path)
+        fsync_dir(tmp)
         if final.exists():
-            _remove_dir(final)
+            remove_dir(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 

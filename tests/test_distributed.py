@@ -7,6 +7,7 @@ Each run is a real `polyalign train` command line; the 2-process one is launched
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -116,3 +117,19 @@ def test_fsdp_checkpoint_resumes_on_one_process(tmp_path):
     polyalign_train(2, tmp_path / "mixed", *ONLINE, "--model.parallel=fsdp")
     polyalign_train(1, tmp_path / "mixed", *three, "--resume")
     assert_same_run(tmp_path / "one", tmp_path / "mixed", step=3)
+
+
+@pytest.mark.slow
+def test_offline_reward_model_one_vs_two_processes_fsdp(tmp_path):
+    args = ["configs/offline/reward_model.yaml", *OFFLINE, "--model.parallel=fsdp"]
+    polyalign_train(1, tmp_path / "one", *args)
+    polyalign_train(2, tmp_path / "two", *args)
+    assert_same_run(tmp_path / "one", tmp_path / "two", step=2, name="reward_model")
+
+
+@pytest.mark.slow
+def test_ppo_runs_on_two_processes(tmp_path):
+    """PPO shuffles minibatches within each process: it runs distributed, but is not compared number for number."""
+    polyalign_train(2, tmp_path / "ppo", *ONLINE, "--algo.name=ppo", "--model.parallel=fsdp")
+    assert logged(tmp_path / "ppo", "rows_per_process") == [4, 4]
+    assert all(math.isfinite(x) for x in logged(tmp_path / "ppo", "loss"))

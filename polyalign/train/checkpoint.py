@@ -41,7 +41,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # platforms without directory fds: the rename is still atomic
@@ -52,7 +52,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -71,7 +71,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -120,7 +120,7 @@ def _read_pointer(root: Path, name: str) -> Path | None:
     return root / target if _is_complete(root / target) else None
 
 
-def _remove_dir(path: Path) -> None:
+def remove_dir(path: Path) -> None:
     """Delete a directory crash-safely: rename to .tmp-* (atomic) first, so a partial delete is ignored."""
     doomed = path.with_name(f".tmp-del-{path.name}-{uuid.uuid4().hex[:8]}")
     os.replace(path, doomed)
@@ -187,10 +187,10 @@ def _write_checkpoint_files(
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=2, default=_json_default) + "\n")
     for path in tmp.iterdir():
-        _fsync_file(path)
+        fsync_file(path)
     (tmp / COMPLETE).write_text(f"{step}\n")
-    _fsync_file(tmp / COMPLETE)
-    _fsync_dir(tmp)
+    fsync_file(tmp / COMPLETE)
+    fsync_dir(tmp)
 
 
 def _check_save_args(step: int, models: dict, keep_last: int | None) -> None:
@@ -238,9 +238,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
-        _remove_dir(final)
+        remove_dir(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     atomic_write_text(root / "latest", name + "\n")
     if keep_last is not None:
         _prune(root, step, keep_last)
@@ -254,7 +254,7 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
     keep = set(past[-keep_last:]) | ({best} if best else set())
     for _, path in complete:
         if path not in keep:
-            _remove_dir(path)
+            remove_dir(path)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

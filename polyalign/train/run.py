@@ -74,7 +74,8 @@ class Run:
 
     def generate(self, prompts: list[str], n: int, sampling: Sampling, extras: dict | None = None):
         """The engine's rollout, on gathered weights when the policy is FSDP-sharded."""
-        with gathered(self.policy_train if self.world.distributed else None):
+        sharded = self.world.distributed and self.cfg.rollout.engine == "hf"  # vLLM has its own copy
+        with gathered(self.policy_train if sharded else None):
             return self.engine.generate(prompts, n=n, sampling=sampling, extras=extras)
 
     def score(self, prompts: list[str], completions: list[str], **columns) -> tuple[torch.Tensor, dict]:
