@@ -174,16 +174,43 @@ def wrap(model: nn.Module, strategy: str, world: World, trainable: bool = True) 
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        if unwrap_peft(model) is not model:
-            raise ValueError(
-                "model.lora with model.parallel=fsdp is not supported yet (the adapter-disabled reference "
-                "bypasses FSDP's gathering); use model.parallel=ddp: only the small adapter is trained"
-            )
-
         for unit in _shard_units(model):
             fully_shard(unit)
-        return fully_shard(TrainForward(model))
+        root = fully_shard(TrainForward(model))
+        # One empty forward through the root: FSDP initialises its tree from the root now, before any
+        # rollout runs a decoder layer's forward directly (which would make that layer a root of its own).
+        root(_nothing)
+        return root
     raise ValueError(f"unknown parallel strategy {strategy!r}; choose ddp or fsdp")
+
+
+def _nothing(model: nn.Module) -> None:
+    return None
+
+
+class AdapterDisabledForward(TrainForward):
+    """The reference of a LoRA policy under FSDP: the policy's own FSDP root, run with the adapter disabled
+    (`polyalign.lora.base_model_mode`), so the reference needs no weights of its own and FSDP still gathers
+    every shard. Holds no submodules: `.eval()` / `.train()` on it leave the policy alone."""
+
+    def __init__(self, root: nn.Module, policy: nn.Module) -> None:
+        nn.Module.__init__(self)
+        object.__setattr__(self, "_root", root)
+        object.__setattr__(self, "model", policy)
+
+    def forward(self, fn, *args, **kwargs):
+        from polyalign.lora import base_model_mode
+
+        with base_model_mode(self.model):
+            return self._root(fn, *args, **kwargs)
+
+
+def lora_reference(ref: nn.Module, root: nn.Module, policy: nn.Module, strategy: str, world: World):
+    """A LoRA reference view (`polyalign.lora.reference_view`) as it must run: the view itself in one process
+    or under DDP, the policy's FSDP root with the adapter disabled under FSDP."""
+    if world.distributed and strategy == "fsdp":
+        return AdapterDisabledForward(root, policy)
+    return ref
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -200,14 +227,19 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def gathered(wrapper: nn.Module | None) -> Iterator[None]:
-    """Within the block an FSDP-sharded model holds full weights (for generation); a no-op otherwise."""
+    """Within the block an FSDP-sharded model holds full weights (for generation, exports); a no-op otherwise.
+
+    Forwards inside the block may run any number of times on each process (rollouts end at different
+    lengths): with every unit gathered and resharding after forward off, they need no collective."""
     units = _fsdp_modules(wrapper) if wrapper is not None else []
-    for unit in units:
+    for unit in units:  # every process gathers every unit: the same collectives in the same order
         unit.unshard()
+        unit.set_reshard_after_forward(False)  # forwards inside (any number per process) gather nothing
     try:
         yield
     finally:
         for unit in units:
+            unit.set_reshard_after_forward(True)
             unit.reshard()
 
 
@@ -308,6 +340,51 @@ def checkpoint_payload(models: dict[str, nn.Module], optimizer, world: World) ->
         return models, optimizer
     states = {name: full_model_state(m, world) for name, m in models.items()}
     return states, full_optimizer_state(models, optimizer, world)
+
+
+def save_run_checkpoint(run, step: int, is_best: bool) -> None:
+    """Rank 0 writes the checkpoint (FSDP gathers the full state first, on every rank), and with LoRA the
+    adapter and/or merged exports next to it. Online and offline runs."""
+    from polyalign.train.checkpoint import mark_best, save_checkpoint
+
+    models, optimizer = checkpoint_payload(run.models(), run.optimizer, run.world)
+    if run.world.is_main:
+        keep = run.cfg.output.keep_last
+        path = save_checkpoint(run.run_dir, step, models, optimizer, None, run.state, keep_last=keep)
+        if run.cfg.model.lora is not None:
+            export_lora_from(run, next(iter(models.values())), path)
+        if is_best:
+            mark_best(run.run_dir, step)
+    barrier(run.world)
+
+
+def export_lora_from(run, saved: nn.Module | dict, directory: Path) -> None:
+    """Export the LoRA policy as `model.lora.save` says (rank 0). `saved` is the live model, or (FSDP) its
+    full state gathered from the shards, loaded into an unsharded copy first."""
+    from polyalign.lora import export_lora
+
+    model = next(iter(run.models().values()))
+    source = saved if isinstance(saved, nn.Module) else _unsharded_peft_copy(model, saved)
+    export_lora(source, directory, run.cfg.model.lora.save, run.tokenizer)
+
+
+def _unsharded_peft_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A PEFT model like `model` holding the full tensors of `state` (built on the meta device, then assigned:
+    no other copy of the weights)."""
+    import copy
+
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    with torch.device("meta"):
+        twin = get_peft_model(
+            type(base)(copy.deepcopy(base.config)), copy.deepcopy(model.peft_config["default"])
+        )
+    state = dict(state)
+    for name, kept in _tied_names(model).items():
+        state[name] = state[kept]
+    twin.load_state_dict(state, strict=True, assign=True)
+    return twin
 
 
 def close_world(world: World) -> None:

@@ -28,7 +28,6 @@ from polyalign.train.loop import lr_at, micro_batches, set_lr, step_optimizer
 from polyalign.train.offline_batches import Micro, make_micro, pair_logprobs, pair_scores
 from polyalign.train.offline_data import batch_indices, sft_sides
 from polyalign.train.offline_run import OfflineRun, finish_offline_run, setup_offline_run
-from polyalign.train.run import save_run_checkpoint
 
 LossOut = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]  # loss, stats, margins (B,)
 
@@ -238,7 +237,7 @@ def maybe_checkpoint(run: OfflineRun, step: int) -> None:
         if _is_better(result, run.state.get("best_eval")):
             run.state["best_eval"], is_best = {**result, "step": step}, True
     if (cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0) or last or is_best:
-        save_run_checkpoint(run, step, is_best)
+        distributed.save_run_checkpoint(run, step, is_best)
 
 
 # ---------------------------------------------------------------- the loop

@@ -140,7 +140,9 @@ def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun
     steps = total_steps(cfg, len(train_set))
     distributed.shard(cfg.train.batch_size, world, "train.batch_size")  # fails early when it cannot split
     train_model = distributed.wrap(model, cfg.model.parallel, world)
-    if ref is not None and type(ref).__module__ != "polyalign.lora":
+    if ref is not None and type(ref).__module__ == "polyalign.lora":
+        ref = distributed.lora_reference(ref, train_model, model, cfg.model.parallel, world)
+    elif ref is not None:
         ref = distributed.wrap(ref, cfg.model.parallel, world, trainable=False)
     optimizer = build_optimizer(
         model.named_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
@@ -198,10 +200,8 @@ def finish_offline_run(run: OfflineRun) -> dict:
     weights = (
         distributed.full_model_state(run.model, run.world) if distributed.is_sharded(run.model) else None
     )
-    if run.world.is_main and run.cfg.model.lora is not None:
-        from polyalign.lora import export_lora
-
-        export_lora(run.model, export, run.cfg.model.lora.save, run.tokenizer)  # model/adapter, model/merged
+    if run.world.is_main and run.cfg.model.lora is not None:  # model/adapter and/or model/merged
+        distributed.export_lora_from(run, run.model if weights is None else weights, export)
     elif run.world.is_main:
         run.model.save_pretrained(export, **({"state_dict": weights} if weights is not None else {}))
         run.tokenizer.save_pretrained(export)

@@ -17,16 +17,14 @@ import torch
 from polyalign import losses
 from polyalign.config import RunConfig, dump_yaml
 from polyalign.data.prompts import PromptSet, check_prompt_lengths, load_prompts, prompt_batch
-from polyalign.logprobs import completion_logprobs, unwrap_peft
+from polyalign.logprobs import completion_logprobs
 from polyalign.models import load_policy, load_reference
 from polyalign.rewards import build_reward, score_all
 from polyalign.rollout import build_engine
 from polyalign.train import distributed
 from polyalign.train.checkpoint import (
     atomic_write_text,
-    mark_best,
     resume_run,
-    save_checkpoint,
 )
 from polyalign.train.distributed import World, gathered
 from polyalign.train.logging import MetricsLogger, NullLogger, Progress, print0
@@ -120,7 +118,9 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
     strategy = cfg.model.parallel
     policy_train = distributed.wrap(policy, strategy, world)
     value_train = distributed.wrap(value_model, strategy, world) if value_model is not None else None
-    if ref is not None and not _is_view(ref):
+    if ref is not None and _is_view(ref):
+        ref = distributed.lora_reference(ref, policy_train, policy, strategy, world)
+    elif ref is not None:
         ref = distributed.wrap(ref, strategy, world, trainable=False)
     params = list(policy.parameters()) + (list(value_model.parameters()) if value_model is not None else [])
     optimizer = build_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -130,7 +130,7 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
         policy,
         ref,
         tokenizer,
-        _engine(cfg, policy, tokenizer, world),
+        _engine(cfg, policy, tokenizer),
         rewards,
         prompts,
         eval_prompts,
@@ -168,18 +168,9 @@ def _is_view(ref: torch.nn.Module) -> bool:
     return type(ref).__module__ == "polyalign.lora"
 
 
-def _engine(cfg: RunConfig, policy: torch.nn.Module, tokenizer, world: World):
+def _engine(cfg: RunConfig, policy: torch.nn.Module, tokenizer):
     if cfg.rollout.engine == "vllm":
         return build_engine("vllm", policy, tokenizer, **dataclasses.asdict(cfg.rollout.vllm))
-    if world.distributed and cfg.model.parallel == "fsdp":
-        from polyalign.rollout import fast_llama
-
-        reason = fast_llama.unsupported_reason(unwrap_peft(policy), 1)
-        if reason is not None:
-            raise ValueError(
-                f"model.parallel=fsdp generates on gathered weights with the fast Llama-family decoder, "
-                f"which this model cannot use ({reason}); use model.parallel=ddp or rollout.engine=vllm"
-            )
     return build_engine(cfg.rollout.engine, policy, tokenizer)
 
 
@@ -194,22 +185,6 @@ def _resume(run: Run) -> None:
         run.engine.load_weights(run.policy)
 
 
-def save_run_checkpoint(run, step: int, is_best: bool) -> None:
-    """Rank 0 writes the checkpoint (FSDP gathers the full state first, on every rank). Online and offline."""
-    models, optimizer = distributed.checkpoint_payload(run.models(), run.optimizer, run.world)
-    if run.world.is_main:
-        keep = run.cfg.output.keep_last
-        path = save_checkpoint(run.run_dir, step, models, optimizer, None, run.state, keep_last=keep)
-        lora = run.cfg.model.lora
-        if lora is not None:  # also as peft adapter and/or merged transformers model, next to the state
-            from polyalign.lora import export_lora
-
-            export_lora(next(iter(run.models().values())), path, lora.save, run.tokenizer)
-        if is_best:
-            mark_best(run.run_dir, step)
-    distributed.barrier(run.world)
-
-
 def maybe_checkpoint(run: Run, step: int) -> None:
     cfg = run.cfg
     last = step == cfg.train.steps
@@ -221,7 +196,7 @@ def maybe_checkpoint(run: Run, step: int) -> None:
             run.state["best_eval"] = {**result, "step": step}
             is_best = True
     if (cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0) or last or is_best:
-        save_run_checkpoint(run, step, is_best)
+        distributed.save_run_checkpoint(run, step, is_best)
 
 
 @torch.inference_mode()
