@@ -13,9 +13,22 @@ Each variant runs in a fresh process (`common.run_isolated`), reporting
   was built) and once the models and optimizer were set up (before the first step): `peak - import` is what
   models + training add, `peak - setup` what the steps add (activations, gradients, AdamW state).
 
-Run (about 1 minute on one thread):
+End to end (`--runs`): the same "small" model (random init, seed 0) and its benchmark tokenizer (vocab 8192;
+the stories260K tokenizer has 512 tokens and does not fit this model) saved to a temporary folder, then each
+case below run through `python -m polyalign.cli train` in a fresh child process, full vs `--model.lora={r: 16,
+alpha: 32}`; the child's own peak RSS comes from `os.wait4`, its wall seconds from the clock and its s/step
+from the run's metrics.jsonl:
+- dpo (precompute): configs/offline/dpo.yaml, 3 steps, on the first 48 rows of the built-in English DPO demo;
+  the reference log-probs are cached before training, from the policy itself (no reference model is held);
+- dpo (live ref): the same with `--reference.precompute=false`: the full run holds a frozen deepcopy for
+  the whole run, LoRA the adapter-disabled view of its one model;
+- rloo: the online defaults (RLOO, k 4, 2 updates per batch), lexicon_sentiment reward, 2 steps of 8 prompts,
+  32 new tokens.
+
+Run (about 1 minute on one thread; `--runs` about 3 minutes):
     python benchmarks/lora_memory.py                  # both variants, table + results/lora_memory.json
     python benchmarks/lora_memory.py --variant lora   # one variant in this process: one JSON line
+    python benchmarks/lora_memory.py --runs           # the trainers end to end: results/lora_memory_runs.json
 """
 
 from __future__ import annotations
@@ -23,7 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +52,28 @@ VARIANTS = ("full", "lora")
 PAIRS, PROMPT_TOKENS, COMPLETION_TOKENS = 8, 24, 64
 LORA_R, LORA_ALPHA = 16, 32.0
 OUT = Path(__file__).resolve().parent / "results" / "lora_memory.json"
+RUNS_OUT = OUT.with_name("lora_memory_runs.json")
 MIB = 2**20
+REPO = Path(__file__).resolve().parent.parent
+LORA_OVERRIDE = f"--model.lora={{r: {LORA_R}, alpha: {LORA_ALPHA:g}}}"
+DPO_ROWS = 48  # first rows of the built-in English DPO demo (300), to keep the reference pass short
+COMMON_OVERRIDES = ["--eval.every=0", "--output.report=false", "--output.progress=false", "--model.threads=1"]
+CASES = {  # name -> (config file or None for the online defaults, overrides)
+    "dpo (precompute)": ("configs/offline/dpo.yaml", ["--train.steps=3", "--train.warmup_steps=0"]),
+    "dpo (live ref)": (
+        "configs/offline/dpo.yaml",
+        ["--train.steps=3", "--train.warmup_steps=0", "--reference.precompute=false"],
+    ),
+    "rloo": (
+        None,
+        [
+            "--reward.functions={lexicon_sentiment: 1.0}",
+            "--train.steps=2",
+            "--rollout.prompts_per_step=8",
+            "--rollout.max_new_tokens=32",
+        ],
+    ),
+}
 
 
 def _batch(vocab_size: int, seed: int = wl.SEED):
@@ -176,14 +212,114 @@ def _table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def save_model_dir(folder: Path, size: str) -> Path:
+    """Save the benchmark model of `size` (random init, seed `wl.SEED`) and its tokenizer to `folder`."""
+    model = wl.build_model(size, seed=wl.SEED, verbose=False)
+    tokenizer = wl.build_tokenizer()
+    if len(tokenizer) != model.config.vocab_size:
+        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, model vocab {model.config.vocab_size}")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _dpo_subset(path: Path) -> Path:
+    from polyalign.data.preference import BUILTIN
+
+    rows = json.loads(Path(BUILTIN["builtin:dpo-demo-en"][0]).read_text(encoding="utf-8"))
+    path.write_text(json.dumps(rows[:DPO_ROWS], ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def measure_child(argv: list[str], log: Path) -> dict:
+    """Run `argv` in a fresh child (output to `log`); its own peak RSS (MiB) and wall seconds."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def _s_per_step(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    times = sorted(r["time/step"] for r in rows if "time/step" in r)
+    return round(times[len(times) // 2], 3)
+
+
+def run_case(case: str, variant: str, model_dir: Path, data: Path, work: Path) -> dict:
+    config, overrides = CASES[case]
+    slug = "".join(ch if ch.isalnum() else "-" for ch in case)
+    run_dir = work / f"{slug}-{variant}"
+    argv = [sys.executable, "-m", "polyalign.cli", "train", *([config] if config else [])]
+    argv += [f"--model.policy={model_dir}", f"--output.run_dir={run_dir}", *COMMON_OVERRIDES, *overrides]
+    argv += [f"--data.train={data}"] if config else []
+    argv += [LORA_OVERRIDE] if variant == "lora" else []
+    result = measure_child(argv, work / f"{run_dir.name}.log")
+    shown = [a.replace(str(work), "<tmp>") for a in argv[3:]]
+    return {**result, "s_per_step": _s_per_step(run_dir), "argv": shown}
+
+
+def run_end_to_end(size: str, out: Path) -> dict:
+    """Every case x variant through the CLI; prints the table and writes `out`."""
+    with tempfile.TemporaryDirectory(prefix="lora_memory_") as tmp:
+        work = Path(tmp)
+        model_dir = save_model_dir(work / f"model-{size}", size)
+        data = _dpo_subset(work / "dpo_pairs.json")
+        imports = [
+            sys.executable,
+            "-c",
+            "import polyalign.train.offline, polyalign.train.online, polyalign.lora",
+        ]
+        baseline = measure_child(imports, work / "imports.log")
+        results = {c: {v: run_case(c, v, model_dir, data, work) for v in VARIANTS} for c in CASES}
+    print(_runs_table(results, baseline["peak_rss_mib"]))
+    summary = {
+        "workload": f"polyalign train on the {size} benchmark Llama ({wl.EXPECTED_PARAMS[size]:,} parameters)",
+        "dpo_data": f"first {DPO_ROWS} rows of builtin:dpo-demo-en",
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "override": LORA_OVERRIDE},
+        "threads": 1,
+        "versions": common.versions("torch", "transformers", "peft"),
+        "malloc_mmap_threshold": str(64 * 1024),
+        "import_peak_rss_mib": baseline["peak_rss_mib"],
+        "load_1min_at_end": round(os.getloadavg()[0], 2),
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out}")
+    return summary
+
+
+def _runs_table(results: dict[str, dict], import_mib: float) -> str:
+    head = f"{'run':<18}{'RSS full':>10}{'RSS lora':>10}{'lora/full':>10}{'above imports':>16}"
+    lines = [head + f"{'wall s':>14}{'s/step':>14}", f"(imports alone: {import_mib:.1f} MiB peak RSS)"]
+    for case, r in results.items():
+        full, lora = r["full"], r["lora"]
+        a, b = full["peak_rss_mib"], lora["peak_rss_mib"]
+        above = f"{a - import_mib:.0f} / {b - import_mib:.0f}"
+        wall = "{:.1f} / {:.1f}".format(full["wall_s"], lora["wall_s"])
+        step = "{:.2f} / {:.2f}".format(full["s_per_step"], lora["s_per_step"])
+        lines.append(f"{case:<18}{a:>10.1f}{b:>10.1f}{b / a:>10.3f}{above:>16}{wall:>14}{step:>14}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process")
     parser.add_argument("--size", choices=sorted(wl.MODEL_SIZES), default="small")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--runs", action="store_true", help="the trainers end to end (polyalign train)")
+    parser.add_argument("--out", type=Path, help=f"default {OUT.name}, or {RUNS_OUT.name} with --runs")
     args = parser.parse_args()
+    if args.runs:
+        run_end_to_end(args.size, args.out or RUNS_OUT)
+        return
+    args.out = args.out or OUT
     if args.variant:
         common.emit(run_variant(args.variant, args.size, args.steps, args.threads))
         return
