@@ -75,12 +75,6 @@ def init_world(device: str) -> tuple[World, str]:
     return world, device
 
 
-def current_world() -> World:
-    if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    return World()
-
-
 def shard(n: int, world: World, what: str) -> slice:
     """This process's contiguous share of n items; n must split evenly (a clear error names `what`)."""
     if n % world.size:
@@ -89,13 +83,21 @@ def shard(n: int, world: World, what: str) -> slice:
     return slice(world.rank * per, (world.rank + 1) * per)
 
 
+def _comm_device() -> torch.device:
+    """Where collectives' tensors must live: the current GPU under NCCL, else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gather_rows(t: torch.Tensor, world: World) -> torch.Tensor:
     """Concatenate every process's (n, ...) tensor in rank order (all the same shape)."""
     if not world.distributed:
         return t
-    parts = [torch.empty_like(t) for _ in range(world.size)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    local = t.contiguous().to(_comm_device())
+    parts = [torch.empty_like(local) for _ in range(world.size)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(t.device)
 
 
 def mean_metrics(metrics: dict[str, float], world: World) -> dict[str, float]:
@@ -103,7 +105,7 @@ def mean_metrics(metrics: dict[str, float], world: World) -> dict[str, float]:
     if not world.distributed:
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(values)
     return dict(zip(keys, (values / world.size).tolist()))
 
@@ -179,7 +181,10 @@ def wrap(model: nn.Module, strategy: str, world: World, trainable: bool = True) 
         root = fully_shard(TrainForward(model))
         # One empty forward through the root: FSDP initialises its tree from the root now, before any
         # rollout runs a decoder layer's forward directly (which would make that layer a root of its own).
+        # The root keeps its own parameters gathered after forward; reshard so that the registered
+        # parameters (the ones an optimizer will hold) are the shards.
         root(_nothing)
+        root.reshard()
         return root
     raise ValueError(f"unknown parallel strategy {strategy!r}; choose ddp or fsdp")
 
