@@ -231,17 +231,32 @@ def _dpo_subset(path: Path) -> Path:
     return path
 
 
+# Runs `-m MODULE ARGS` or `-c CODE` and prints the process's own peak RSS (VmHWM) at exit. A child's
+# ru_maxrss starts at its parent's RSS at fork, which hid the imports-only baseline under this script's own.
+_REPORT_PEAK = """
+import atexit, runpy, sys
+def peak():
+    line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM"))
+    print("VMHWM_KB", line.split()[1], flush=True)
+atexit.register(peak)
+flag, target = sys.argv[1], sys.argv[2]
+sys.argv = [target, *sys.argv[3:]]
+runpy.run_module(target, run_name="__main__") if flag == "-m" else exec(target)
+"""
+
+
 def measure_child(argv: list[str], log: Path) -> dict:
-    """Run `argv` in a fresh child (output to `log`); its own peak RSS (MiB) and wall seconds."""
+    """Run `argv` (`python -m MODULE ARGS` or `python -c CODE`) in a fresh child (output to `log`); its own
+    peak RSS (VmHWM, MiB) and wall seconds."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
     start = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        command = [argv[0], "-c", _REPORT_PEAK, *argv[1:]]
+        proc = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
-    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "wall_s": round(time.perf_counter() - start, 1)}
+    peak_kb = [int(line.split()[1]) for line in log.read_text().splitlines() if line.startswith("VMHWM_KB")]
+    return {"peak_rss_mib": round(peak_kb[-1] / 1024, 1), "wall_s": round(time.perf_counter() - start, 1)}
 
 
 def _s_per_step(run_dir: Path) -> float:
