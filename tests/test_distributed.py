@@ -134,12 +134,17 @@ def test_online_lora_one_vs_two_processes_fsdp(tmp_path):
         torch.testing.assert_close(plain[key], reference[key], rtol=0, atol=5e-5, msg=key)
 
 
-def test_fsdp_checkpoint_resumes_on_one_process(tmp_path):
-    """2 FSDP processes train 2 steps; one process resumes to step 3 = one process for 3 steps."""
-    three = [a for a in ONLINE if not a.startswith("--train.steps")] + ["--train.steps=3"]
-    polyalign_train(1, tmp_path / "one", *three)
-    polyalign_train(2, tmp_path / "mixed", *ONLINE, "--model.parallel=fsdp")
-    polyalign_train(1, tmp_path / "mixed", *three, "--resume")
+def test_checkpoints_resume_across_process_counts(tmp_path):
+    """1 process trains step 1, 2 FSDP processes resume it for step 2, 1 process resumes for step 3: the
+    same as 1 process for 3 steps (full weights and index-keyed AdamW state load into shards and back)."""
+
+    def steps(n: int) -> list[str]:
+        return [a for a in ONLINE if not a.startswith("--train.steps")] + [f"--train.steps={n}"]
+
+    polyalign_train(1, tmp_path / "one", *steps(3))
+    polyalign_train(1, tmp_path / "mixed", *steps(1))
+    polyalign_train(2, tmp_path / "mixed", *steps(2), "--model.parallel=fsdp", "--resume")
+    polyalign_train(1, tmp_path / "mixed", *steps(3), "--resume")
     assert_same_run(tmp_path / "one", tmp_path / "mixed", step=3)
 
 
