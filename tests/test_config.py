@@ -79,9 +79,8 @@ def load_any(path: Path):
     """Each family of configs with its own loader: eval/, synth/, experiment/, offline (a `loss:` section),
     online (the rest)."""
     from polyalign.config_offline import is_offline_config, load_offline_config
-    from polyalign.eval.config import EvalRunConfig
-
     from polyalign.data.synth.config import SynthConfig
+    from polyalign.eval.config import EvalRunConfig
     from polyalign.experiment.config import ExperimentConfig
 
     special = {"eval": EvalRunConfig, "synth": SynthConfig, "experiment": ExperimentConfig}
