@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from polyalign.config import load_config
 from polyalign.train.distributed import World, shard
+from polyalign.train.run import check_split
 
 ONLINE = [
     "--train.steps=2",
@@ -83,6 +85,13 @@ def test_shard_splits_evenly_or_names_the_setting():
     assert shard(8, World(), "x") == slice(0, 8)
     with pytest.raises(ValueError, match=r"rollout.prompts_per_step \(6\) must be a multiple .* \(4\)"):
         shard(6, World(rank=0, size=4), "rollout.prompts_per_step")
+
+
+def test_online_split_needs_whole_groups_per_process_and_minibatch():
+    cfg = load_config(None, ["--rollout.prompts_per_step=6", "--algo.updates_per_batch=2"])
+    check_split(cfg, World())
+    with pytest.raises(ValueError, match=r"prompts_per_step \(6\) must be a multiple of .* \(2 x 2\)"):
+        check_split(cfg, World(rank=1, size=2))
 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])

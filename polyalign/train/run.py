@@ -91,6 +91,7 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
         torch.set_num_threads(cfg.model.threads)
     world, device = distributed.init_world(cfg.model.device)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
+    check_split(cfg, world)
     seed_everything(cfg.train.seed)
     run_dir = distributed.claim_on_main(cfg.output.run_dir, resume, world, dump_yaml(cfg))
 
@@ -150,6 +151,16 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
     if resume:
         _resume(run)
     return run
+
+
+def check_split(cfg: RunConfig, world: World) -> None:
+    """Each process must get whole groups, as many in each of the algo.updates_per_batch minibatches."""
+    prompts, parts = cfg.rollout.prompts_per_step, cfg.algo.updates_per_batch
+    if prompts % (world.size * parts):
+        raise ValueError(
+            f"rollout.prompts_per_step ({prompts}) must be a multiple of processes x algo.updates_per_batch "
+            f"({world.size} x {parts}) so that every process holds its share of every minibatch"
+        )
 
 
 def _reference(cfg: RunConfig, policy: torch.nn.Module) -> torch.nn.Module:
