@@ -28,7 +28,9 @@ ONLINE = [
     "--rollout.max_new_tokens=8",
     "--algo.updates_per_batch=2",
     "--train.lr=1e-5",
-    "--eval.every=0",
+    "--eval.every=1",  # greedy held-out evaluation (inference mode) between FSDP training steps
+    "--eval.num_prompts=4",
+    "--eval.max_new_tokens=8",
     "--output.checkpoint_every=1",
     "--output.sample_every=0",
     "--output.report=false",
@@ -71,6 +73,8 @@ def weights(run_dir: Path, step: int, name: str = "policy") -> dict[str, torch.T
 
 def assert_same_run(a: Path, b: Path, step: int, name: str = "policy") -> None:
     assert logged(a, "loss") == pytest.approx(logged(b, "loss"), rel=1e-4, abs=1e-5)
+    for key in ("eval/reward", "eval/accuracy"):
+        assert logged(a, key) == pytest.approx(logged(b, key), rel=1e-4, abs=1e-5)
     wa, wb = weights(a, step, name), weights(b, step, name)
     assert wa.keys() == wb.keys()
     for key in wa:
@@ -101,6 +105,7 @@ def test_online_rloo_one_vs_two_processes(tmp_path, parallel):
     polyalign_train(2, tmp_path / "two", *args)
     assert_same_run(tmp_path / "one", tmp_path / "two", step=2)
     assert logged(tmp_path / "two", "rows_per_process") == [4, 4]  # each process sampled half the batch
+    assert len(logged(tmp_path / "two", "eval/reward")) == 3  # steps 0, 1, 2 evaluated
 
 
 def test_offline_dpo_one_vs_two_processes_fsdp(tmp_path):
@@ -109,6 +114,7 @@ def test_offline_dpo_one_vs_two_processes_fsdp(tmp_path):
     polyalign_train(2, tmp_path / "two", *args)
     assert_same_run(tmp_path / "one", tmp_path / "two", step=2)
     assert logged(tmp_path / "two", "pairs_per_process") == [2, 2]
+    assert len(logged(tmp_path / "two", "eval/accuracy")) == 2  # held-out pairs at the start and the end
 
 
 @pytest.mark.slow

@@ -237,15 +237,19 @@ def gathered(wrapper: nn.Module | None) -> Iterator[None]:
     Forwards inside the block may run any number of times on each process (rollouts end at different
     lengths): with every unit gathered and resharding after forward off, they need no collective."""
     units = _fsdp_modules(wrapper) if wrapper is not None else []
-    for unit in units:  # every process gathers every unit: the same collectives in the same order
-        unit.unshard()
-        unit.set_reshard_after_forward(False)  # forwards inside (any number per process) gather nothing
+    # Gather outside inference mode even when called inside it (evaluation): FSDP reuses its all-gather
+    # buffers, and inference tensors could not be written by the next, training, gather.
+    with torch.inference_mode(False):
+        for unit in units:  # every process gathers every unit: the same collectives in the same order
+            unit.unshard()
+            unit.set_reshard_after_forward(False)  # forwards inside (any number per process) gather nothing
     try:
         yield
     finally:
-        for unit in units:
-            unit.set_reshard_after_forward(True)
-            unit.reshard()
+        with torch.inference_mode(False):
+            for unit in units:
+                unit.set_reshard_after_forward(True)
+                unit.reshard()
 
 
 def accumulating(wrapper: nn.Module, last: bool):
