@@ -318,7 +318,7 @@ def load_checkpoint(
                 f"load_checkpoint: {ckpt} has no model {name!r}; it has {state['models']}"
             )
         if _sharded(model):
-            from polyalign.train.distributed import load_full_model_state
+            from polyalign.train.distributed_checkpoint import load_full_model_state
 
             load_full_model_state(model, load_file(str(weights)))
         else:
@@ -328,7 +328,7 @@ def load_checkpoint(
             raise FileNotFoundError(f"load_checkpoint: {ckpt} was saved without an optimizer")
         saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
         if any(_sharded(m) for m in models.values()):
-            from polyalign.train.distributed import load_full_optimizer_state
+            from polyalign.train.distributed_checkpoint import load_full_optimizer_state
 
             load_full_optimizer_state(models, optimizer, saved)
         else:

@@ -24,6 +24,7 @@ from polyalign import losses
 from polyalign.config_offline import LossConfig, OfflineRunConfig
 from polyalign.logprobs import completion_logprobs
 from polyalign.train import distributed
+from polyalign.train.distributed_checkpoint import save_run_checkpoint
 from polyalign.train.loop import lr_at, micro_batches, set_lr, step_optimizer
 from polyalign.train.offline_batches import Micro, make_micro, pair_logprobs, pair_scores
 from polyalign.train.offline_data import batch_indices, sft_sides
@@ -237,7 +238,7 @@ def maybe_checkpoint(run: OfflineRun, step: int) -> None:
         if _is_better(result, run.state.get("best_eval")):
             run.state["best_eval"], is_best = {**result, "step": step}, True
     if (cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0) or last or is_best:
-        distributed.save_run_checkpoint(run, step, is_best)
+        save_run_checkpoint(run, step, is_best)
 
 
 # ---------------------------------------------------------------- the loop

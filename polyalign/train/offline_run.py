@@ -21,6 +21,7 @@ from polyalign.report import write_run_report
 from polyalign.train import distributed
 from polyalign.train.checkpoint import atomic_write_text, resume_run
 from polyalign.train.distributed import World
+from polyalign.train.distributed_checkpoint import export_lora_from, full_model_state
 from polyalign.train.logging import MetricsLogger, NullLogger, Progress, print0
 from polyalign.train.loop import build_optimizer, seed_everything
 from polyalign.train.offline_batches import precompute_reference
@@ -197,11 +198,9 @@ def finish_offline_run(run: OfflineRun) -> dict:
     run.progress.close()
     run.logger.close()
     export = run.run_dir / "model"
-    weights = (
-        distributed.full_model_state(run.model, run.world) if distributed.is_sharded(run.model) else None
-    )
+    weights = full_model_state(run.model, run.world) if distributed.is_sharded(run.model) else None
     if run.world.is_main and run.cfg.model.lora is not None:  # model/adapter and/or model/merged
-        distributed.export_lora_from(run, run.model if weights is None else weights, export)
+        export_lora_from(run, run.model if weights is None else weights, export)
     elif run.world.is_main:
         run.model.save_pretrained(export, **({"state_dict": weights} if weights is not None else {}))
         run.tokenizer.save_pretrained(export)

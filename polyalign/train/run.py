@@ -27,6 +27,7 @@ from polyalign.train.checkpoint import (
     resume_run,
 )
 from polyalign.train.distributed import World, gathered
+from polyalign.train.distributed_checkpoint import save_run_checkpoint
 from polyalign.train.logging import MetricsLogger, NullLogger, Progress, print0
 from polyalign.train.loop import build_optimizer, seed_everything
 from polyalign.types import Sampling
@@ -207,7 +208,7 @@ def maybe_checkpoint(run: Run, step: int) -> None:
             run.state["best_eval"] = {**result, "step": step}
             is_best = True
     if (cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0) or last or is_best:
-        distributed.save_run_checkpoint(run, step, is_best)
+        save_run_checkpoint(run, step, is_best)
 
 
 @torch.inference_mode()

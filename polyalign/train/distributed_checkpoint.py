@@ -1,0 +1,148 @@
+"""Checkpoints of runs on several processes: rank 0 writes the same files a one-process run writes.
+
+FSDP's shards are gathered first (full weights on rank 0's CPU; the AdamW state converted to
+`optimizer.state_dict()`'s index-keyed layout), so any process count resumes any checkpoint: loading
+(`checkpoint.load_checkpoint`) scatters full weights and state back into shards. With LoRA, the adapter and/or
+merged exports are written next to each checkpoint (from the gathered state under FSDP).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from polyalign.train.distributed import World, barrier, is_sharded
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """name -> kept name for parameters registered under several names (tied embeddings). The kept name is
+    the alphabetically first one, the one `safetensors.torch.save_model` writes."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {n: min(names) for names in by_id.values() if len(names) > 1 for n in names if n != min(names)}
+
+
+def full_model_state(model: nn.Module, world: World) -> dict[str, torch.Tensor] | None:
+    """The full (unsharded) weights on CPU, on rank 0 (None elsewhere): collective, call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not world.is_main:
+        return None
+    tied = _tied_names(model)
+    return {k: v.contiguous() for k, v in state.items() if k not in tied}
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full weights (as saved by a run with any process count) into a sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = dict(state)
+    for name, kept in _tied_names(model).items():
+        state[name] = state[kept]
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _param_names(models: dict[str, nn.Module]) -> dict[int, str]:
+    return {id(p): f"{key}.{name}" for key, m in models.items() for name, p in m.named_parameters()}
+
+
+def full_optimizer_state(models: dict[str, nn.Module], optimizer, world: World) -> dict | None:
+    """The optimizer state gathered to rank 0 in `optimizer.state_dict()`'s own layout (keyed by parameter
+    index), so that a one-process run can load it; None on other ranks. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    container = nn.ModuleDict(models)
+    full = get_optimizer_state_dict(
+        container, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not world.is_main:
+        return None
+    names = _param_names(models)
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    groups, start = [], 0
+    for saved, live in zip(full["param_groups"], optimizer.param_groups):
+        count = len(live["params"])
+        groups.append(
+            {**{k: v for k, v in saved.items() if k != "params"}, "params": list(range(start, start + count))}
+        )
+        start += count
+    state = {index[name]: value for name, value in full["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state(models: dict[str, nn.Module], optimizer, saved: dict) -> None:
+    """Load an index-keyed optimizer state (any process count) into the optimizer of sharded models."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(models)
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [order[i] for i in g["params"]]}
+        for g in saved["param_groups"]
+    ]
+    state = {order[int(i)]: value for i, value in saved["state"].items()}
+    set_optimizer_state_dict(
+        nn.ModuleDict(models),
+        optimizer,
+        {"state": state, "param_groups": groups},
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def checkpoint_payload(models: dict[str, nn.Module], optimizer, world: World) -> tuple[dict, object]:
+    """What rank 0 hands to `save_checkpoint`: the models and optimizer themselves, or (FSDP) their full
+    state gathered from the shards. Collective when sharded: call on every rank."""
+    if not any(is_sharded(m) for m in models.values()):
+        return models, optimizer
+    states = {name: full_model_state(m, world) for name, m in models.items()}
+    return states, full_optimizer_state(models, optimizer, world)
+
+
+def save_run_checkpoint(run, step: int, is_best: bool) -> None:
+    """Rank 0 writes the checkpoint (FSDP gathers the full state first, on every rank), and with LoRA the
+    adapter and/or merged exports next to it. Online and offline runs."""
+    from polyalign.train.checkpoint import mark_best, save_checkpoint
+
+    models, optimizer = checkpoint_payload(run.models(), run.optimizer, run.world)
+    if run.world.is_main:
+        keep = run.cfg.output.keep_last
+        path = save_checkpoint(run.run_dir, step, models, optimizer, None, run.state, keep_last=keep)
+        if run.cfg.model.lora is not None:
+            export_lora_from(run, next(iter(models.values())), path)
+        if is_best:
+            mark_best(run.run_dir, step)
+    barrier(run.world)
+
+
+def export_lora_from(run, saved: nn.Module | dict, directory: Path) -> None:
+    """Export the LoRA policy as `model.lora.save` says (rank 0). `saved` is the live model, or (FSDP) its
+    full state gathered from the shards, loaded into an unsharded copy first."""
+    from polyalign.lora import export_lora
+
+    model = next(iter(run.models().values()))
+    source = saved if isinstance(saved, nn.Module) else _unsharded_peft_copy(model, saved)
+    export_lora(source, directory, run.cfg.model.lora.save, run.tokenizer)
+
+
+def _unsharded_peft_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A PEFT model like `model` holding the full tensors of `state` (built on the meta device, then assigned:
+    no other copy of the weights)."""
+    import copy
+
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    with torch.device("meta"):
+        twin = get_peft_model(
+            type(base)(copy.deepcopy(base.config)), copy.deepcopy(model.peft_config["default"])
+        )
+    state = dict(state)
+    for name, kept in _tied_names(model).items():
+        state[name] = state[kept]
+    twin.load_state_dict(state, strict=True, assign=True)
+    return twin
