@@ -14,7 +14,7 @@ every vLLM engine starts clean) and each under a time limit within an overall bu
    the model's dtype and in float32. On stories260K (bf16, fp32) and on a random-init ~280M-parameter Llama
    built locally (bf16, with CUDA graphs).
 4. train: wall-clock of bf16 RLOO steps (polyalign.train.online) with each engine on the ~280M Llama.
-Writes results.json, results.md (tables) and one log per stage.
+Writes results.json, results.md (tables) and stages.tar.gz (one log and JSON per stage).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -328,8 +329,17 @@ _MISMATCH_ORDER = [
 ]
 
 
+def _pack(work: Path, out: Path) -> None:
+    """The stages' logs and JSON as one archive: the device tool brings back at most 8 files from $OUT."""
+    tmp = out / "stages.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as archive:
+        archive.add(work, arcname="stages")
+    os.replace(tmp, out / "stages.tar.gz")
+
+
 def drive(cpu: bool, budget: float, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # per-stage files; packed into out/stages.tar.gz
     deadline = time.time() + budget
     results: dict = {"cpu_dry_run": cpu, "device": stage_device(None), "stages": []}
     print(json.dumps(results["device"]), flush=True)
@@ -342,9 +352,10 @@ def drive(cpu: bool, budget: float, out: Path) -> dict:
                 {"stage": name, "status": "skipped (budget)", "seconds": 0, "result": {}}
             )
             continue
-        results["stages"].append(_run_stage(name, extra, min(limit, remaining), out, cpu))
+        results["stages"].append(_run_stage(name, extra, min(limit, remaining), work, cpu))
         (out / "results.json").write_text(json.dumps(results, indent=1))
         (out / "results.md").write_text(_markdown(results))
+        _pack(work, out)
     print("\n" + _markdown(results), flush=True)
     return results
 
