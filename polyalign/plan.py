@@ -9,7 +9,7 @@ allocated; a hub id needs its config only). Every byte count is per process:
 - FSDP (`model.parallel: fsdp`, N processes): the trained models and the reference are sharded (divided by
   N), plus the largest FSDP unit (a decoder layer, or the root's embeddings and head) unsharded while
   training and the whole policy gathered while generating. DDP: a full replica per process plus its
-  gradient buckets (one more copy of the gradients). Reward models are replicated on every process.
+  gradient buckets (one more copy of the gradients). Scoring reward models are sharded under FSDP too.
 - activations kept for backward by one training micro-batch, the float32 softmax the log-prob head keeps,
   and the generation engine (HF: the KV cache; vLLM: its `gpu_memory_utilization` share of the GPU).
 
@@ -160,10 +160,8 @@ def _online_models(cfg: RunConfig, notes: list[str]) -> list[_Entry]:
         if spec.startswith("model:"):  # RewardModelScorer loads in float32 unless told otherwise
             name = spec.removeprefix("model:")
             count = count_model(name, "sequence", "float32", trains=False)
-            entries.append(_Entry("reward_model", name, "float32", count, False))
-            notes.append(
-                f"reward model {name} held in float32 (RewardModelScorer's default) on every process"
-            )
+            entries.append(_Entry("reward_model", name, "float32", count, True))
+            notes.append(f"reward model {name} held in float32 (RewardModelScorer's default)")
     return entries
 
 

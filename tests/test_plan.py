@@ -93,8 +93,8 @@ def test_fsdp_shards_trained_models_and_ddp_replicates():
         1 for p in AutoModelForCausalLM.from_pretrained(resolve_model_path("stories260K")).parameters()
     )
     assert two["policy"].bytes_optimizer - steps == math.ceil((one["policy"].bytes_optimizer - steps) / 2)
-    assert not two["reward_model"].sharded
-    assert two["reward_model"].bytes_weights == one["reward_model"].bytes_weights
+    assert two["reward_model"].sharded  # run.py shards scoring reward models under FSDP too
+    assert two["reward_model"].bytes_weights == -(-one["reward_model"].bytes_weights // 2)
     # The gathered unit: at least one decoder layer's weights + grads, at most the whole policy's.
     assert 0 < fsdp_plan.bytes_fsdp_buffer < one["policy"].bytes_weights + one["policy"].bytes_grads
     assert fsdp_plan.bytes_fsdp_generation == one["policy"].bytes_weights  # gathered to generate

@@ -120,6 +120,10 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
     strategy = cfg.model.parallel
     policy_train = distributed.wrap(policy, strategy, world)
     value_train = distributed.wrap(value_model, strategy, world) if value_model is not None else None
+    if world.distributed and strategy == "fsdp":  # reward models scoring rollouts: sharded too
+        for scorer in rewards.values():
+            if isinstance(getattr(scorer, "model", None), torch.nn.Module):
+                scorer.model = distributed.wrap(scorer.model, strategy, world, trainable=False)
     if ref is not None and _is_view(ref):
         ref = distributed.lora_reference(ref, policy_train, policy, strategy, world)
     elif ref is not None:
