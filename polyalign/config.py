@@ -167,6 +167,10 @@ class OutputConfig:
     run_dir: str = "runs/quickstart"
     checkpoint_every: int = 25
     keep_last: int = 2
+    checkpoint_format: str = "full"
+    """full: full weights (safetensors) + optimizer state, written by rank 0 (FSDP gathers them first) |
+    sharded: torch.distributed.checkpoint, every process writes its own shards (no full copy anywhere: for
+    models too big to gather on one machine). Either kind resumes on any process count."""
     sample_every: int = 25
     progress: bool = True
     report: bool = True
@@ -249,6 +253,14 @@ def validate(cfg: RunConfig) -> None:
         "rollout.vllm: need 0 < gpu_memory_utilization < 1 and max_model_len >= 0",
     )
     validate_model(cfg.model)
+    validate_output(cfg.output)
+
+
+def validate_output(o: OutputConfig) -> None:
+    _check(
+        o.checkpoint_format in ("full", "sharded"),
+        f"output.checkpoint_format: {o.checkpoint_format!r} not in full|sharded",
+    )
 
 
 def validate_model(m: ModelConfig) -> None:

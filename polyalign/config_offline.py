@@ -15,7 +15,14 @@ from pathlib import Path
 
 import yaml
 
-from polyalign.config import ConfigError, ModelConfig, OutputConfig, load_config, validate_model
+from polyalign.config import (
+    ConfigError,
+    ModelConfig,
+    OutputConfig,
+    load_config,
+    validate_model,
+    validate_output,
+)
 
 OFFLINE_LOSSES = ("dpo", "ipo", "copg", "sft", "reward_model")
 COLUMN_NAMES = ("prompt", "chosen", "rejected", "conversations", "completion", "reward", "language")
@@ -176,6 +183,7 @@ def validate_offline(cfg: OfflineRunConfig) -> None:
     )
     _check(cfg.output.keep_last >= 1, "output.keep_last must be >= 1")
     validate_model(cfg.model)
+    validate_output(cfg.output)
 
 
 def load_offline_config(path: str | Path | None = None, overrides: list[str] = ()) -> OfflineRunConfig:

@@ -117,6 +117,24 @@ def test_offline_dpo_one_vs_two_processes_fsdp(tmp_path):
     assert len(logged(tmp_path / "two", "eval/accuracy")) == 2  # held-out pairs at the start and the end
 
 
+def test_sharded_checkpoints_resume_across_process_counts(tmp_path):
+    """output.checkpoint_format=sharded (torch.distributed.checkpoint, each process writes its shards):
+    1 process -> 2 FSDP processes -> 1 process, each resuming the last, equals 1 process for 3 steps."""
+
+    def steps(n: int, fmt: str) -> list[str]:
+        kept = [a for a in ONLINE if not a.startswith("--train.steps")]
+        return [*kept, f"--train.steps={n}", f"--output.checkpoint_format={fmt}"]
+
+    polyalign_train(1, tmp_path / "one", *steps(3, "full"))
+    polyalign_train(1, tmp_path / "mixed", *steps(1, "sharded"))
+    polyalign_train(2, tmp_path / "mixed", *steps(2, "sharded"), "--model.parallel=fsdp", "--resume")
+    polyalign_train(1, tmp_path / "mixed", *steps(3, "full"), "--resume")
+    written_by_two = tmp_path / "mixed" / "checkpoints" / "step_000002"
+    assert (written_by_two / "sharded" / ".metadata").is_file()
+    assert json.loads((written_by_two / "state.json").read_text())["format"] == "sharded"
+    assert_same_run(tmp_path / "one", tmp_path / "mixed", step=3)
+
+
 @pytest.mark.slow
 def test_offline_dpo_one_vs_two_processes_ddp(tmp_path):
     args = ["configs/offline/dpo.yaml", *OFFLINE, "--model.parallel=ddp"]

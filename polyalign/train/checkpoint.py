@@ -168,8 +168,13 @@ def _write_checkpoint_files(
     optimizer: torch.optim.Optimizer | dict | None,
     scheduler_state: dict | None,
     trainer_state: dict | None,
+    sharded: Path | None = None,
 ) -> None:
+    if sharded is not None:  # shards every process wrote (torch.distributed.checkpoint), moved in whole
+        os.replace(sharded, tmp / "sharded")
     for name, model in models.items():
+        if model is None:
+            continue
         if isinstance(model, dict):  # full weights gathered from shards (train/distributed.py)
             save_file(model, str(tmp / f"{name}.safetensors"))
         else:  # save_model stores tensors shared between parameters (tied embeddings) once.
@@ -183,11 +188,13 @@ def _write_checkpoint_files(
         "trainer_state": trainer_state or {},
         "scheduler_state": scheduler_state,
         "models": sorted(models),
+        "format": "sharded" if sharded is not None else "full",
         "saved_at": time.time(),
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=2, default=_json_default) + "\n")
-    for path in tmp.iterdir():
-        fsync_file(path)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            fsync_file(path)
     (tmp / COMPLETE).write_text(f"{step}\n")
     fsync_file(tmp / COMPLETE)
     fsync_dir(tmp)
@@ -199,7 +206,7 @@ def _check_save_args(step: int, models: dict, keep_last: int | None) -> None:
     if not models:
         raise ValueError("save_checkpoint: models is empty; pass e.g. {'policy': model}")
     for name in models:
-        if not _MODEL_NAME.match(name) or name in ("optimizer", "rng", "state"):
+        if not _MODEL_NAME.match(name) or name in ("optimizer", "rng", "state", "sharded"):
             raise ValueError(f"save_checkpoint: model name {name!r} is not a valid, unreserved file stem")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None (keep all), got {keep_last}")
@@ -213,11 +220,13 @@ def save_checkpoint(
     scheduler_state: dict | None = None,
     trainer_state: dict | None = None,
     keep_last: int | None = 2,
+    sharded: Path | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step_<step>/` atomically, point `latest` at it, prune old ones.
 
     `models` values are modules, or full state dicts (gathered from FSDP shards); `optimizer` is an optimizer
-    or its state dict. Pruning (keep_last not None) keeps the `keep_last` newest checkpoints with step <= `step` plus the one
+    or its state dict. `sharded`: a torch.distributed.checkpoint directory holding the models' and
+    optimizer's shards, moved into the checkpoint as `sharded/` (the `models` values are then None). Pruning (keep_last not None) keeps the `keep_last` newest checkpoints with step <= `step` plus the one
     `best` points to; checkpoints with a larger step belong to an abandoned timeline (the run was resumed
     from an earlier checkpoint) and are removed too. Returns the checkpoint directory.
     """
@@ -233,7 +242,7 @@ def save_checkpoint(
     final, tmp = root / name, root / f".tmp-{name}"
     tmp.mkdir()
     try:
-        _write_checkpoint_files(tmp, step, models, optimizer, scheduler_state, trainer_state)
+        _write_checkpoint_files(tmp, step, models, optimizer, scheduler_state, trainer_state, sharded)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -311,6 +320,11 @@ def load_checkpoint(
     """
     ckpt = _resolve(run_dir_or_ckpt)
     state = json.loads((ckpt / "state.json").read_text())
+    if (ckpt / "sharded").is_dir():
+        from polyalign.train.distributed_checkpoint import load_sharded
+
+        load_sharded(ckpt / "sharded", models, optimizer)
+        models, optimizer = {}, None
     for name, model in models.items():
         weights = ckpt / f"{name}.safetensors"
         if not weights.is_file():

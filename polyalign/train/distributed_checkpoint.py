@@ -103,11 +103,74 @@ def checkpoint_payload(models: dict[str, nn.Module], optimizer, world: World) ->
     return states, full_optimizer_state(models, optimizer, world)
 
 
+def _sharded_state(models: dict[str, nn.Module], optimizer) -> tuple[nn.Module, dict]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    box = nn.ModuleDict(models)  # keys "policy.<param>", "value_model.<param>": the same at any process count
+    state = {"model": get_model_state_dict(box)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(box, optimizer)
+    return box, state
+
+
+def save_sharded(models: dict[str, nn.Module], optimizer, directory: Path) -> None:
+    """Every process writes its shards of the models and optimizer state (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(models, optimizer)[1], checkpoint_id=str(directory))
+
+
+def load_sharded(directory: Path, models: dict[str, nn.Module], optimizer) -> None:
+    """Load a `save_sharded` directory written by any number of processes into `models` (sharded or not)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    box, state = _sharded_state(models, optimizer)
+    dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(box, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(box, optimizer, state["optim"])
+
+
+def _save_sharded_run_checkpoint(run, step: int) -> Path | None:
+    """Every process writes its shards into a staging directory; rank 0 then completes the checkpoint."""
+    import shutil
+
+    from polyalign.train.checkpoint import CHECKPOINTS, checkpoint_name, save_checkpoint
+
+    root = Path(run.run_dir) / CHECKPOINTS
+    staging = root / f".dcp-{checkpoint_name(step)}"
+    if run.world.is_main:
+        for leftover in root.glob(".dcp-*"):  # a crash's partial shards
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier(run.world)
+    save_sharded(run.models(), run.optimizer, staging)
+    barrier(run.world)
+    if not run.world.is_main:
+        return None
+    names = dict.fromkeys(run.models())
+    keep = run.cfg.output.keep_last
+    return save_checkpoint(run.run_dir, step, names, None, None, run.state, keep_last=keep, sharded=staging)
+
+
 def save_run_checkpoint(run, step: int, is_best: bool) -> None:
-    """Rank 0 writes the checkpoint (FSDP gathers the full state first, on every rank), and with LoRA the
-    adapter and/or merged exports next to it. Online and offline runs."""
+    """Rank 0 writes the checkpoint (FSDP gathers the full state first, on every rank), or with
+    `output.checkpoint_format: sharded` every process writes its shards; with LoRA the adapter and/or merged
+    exports go next to it. Online and offline runs."""
     from polyalign.train.checkpoint import mark_best, save_checkpoint
 
+    if run.cfg.output.checkpoint_format == "sharded":
+        path = _save_sharded_run_checkpoint(run, step)
+        if run.cfg.model.lora is not None:
+            model = next(iter(run.models().values()))
+            full = full_model_state(model, run.world) if is_sharded(model) else model
+            if run.world.is_main:
+                export_lora_from(run, full, path)
+        if run.world.is_main and is_best:
+            mark_best(run.run_dir, step)
+        barrier(run.world)
+        return
     models, optimizer = checkpoint_payload(run.models(), run.optimizer, run.world)
     if run.world.is_main:
         keep = run.cfg.output.keep_last
