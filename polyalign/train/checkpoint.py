@@ -4,6 +4,8 @@ Layout of `run_dir/checkpoints/`:
     step_000123/            one complete checkpoint
         <name>.safetensors  one per model (policy, value_model, ...); tied weights stored once
         optimizer.pt        optimizer.state_dict() (only when an optimizer was given)
+        sharded/            instead of the two above, with output.checkpoint_format=sharded: every process's
+                            shards of models and optimizer (torch.distributed.checkpoint; train/distributed_checkpoint.py)
         rng.pt              python, numpy, torch CPU (and CUDA) RNG states
         state.json          {"step", "trainer_state", "scheduler_state", "models", "saved_at"}
         COMPLETE            written last; a directory without it is never loaded
