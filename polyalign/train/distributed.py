@@ -101,6 +101,15 @@ def gather_rows(t: torch.Tensor, world: World) -> torch.Tensor:
     return torch.cat(parts).to(t.device)
 
 
+def gather_objects(items: list, world: World) -> list:
+    """Concatenate every process's list (picklable items) in rank order."""
+    if not world.distributed:
+        return items
+    parts: list = [None] * world.size
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
 def mean_metrics(metrics: dict[str, float], world: World) -> dict[str, float]:
     """Average each metric over processes (every process logs the same keys)."""
     if not world.distributed:

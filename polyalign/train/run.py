@@ -217,14 +217,18 @@ def maybe_checkpoint(run: Run, step: int) -> None:
 
 @torch.inference_mode()
 def evaluate(run: Run, step: int) -> dict:
-    """Greedy completions of held-out prompts: mean reward (the paper selects by test reward), KL and length."""
+    """Greedy completions of held-out prompts: mean reward (the paper selects by test reward), KL and length.
+
+    With several processes each evaluates its share of the prompts (all of them when the count does not
+    split evenly) and the per-prompt results are gathered; rank 0 writes them."""
     if run.eval_prompts is None:
         return {}
-    cfg = run.cfg
+    cfg, world = run.cfg, run.world
     prompts = run.eval_prompts.prompts[: cfg.eval.num_prompts]
-    columns = {k: v[: len(prompts)] for k, v in run.eval_prompts.columns.items()}
-    rollout = run.generate(  # every process evaluates the same prompts; rank 0 writes the results
-        prompts,
+    part = distributed.shard(len(prompts), world, "") if len(prompts) % world.size == 0 else slice(None)
+    columns = {k: v[: len(prompts)][part] for k, v in run.eval_prompts.columns.items()}
+    rollout = run.generate(
+        prompts[part],
         n=1,
         sampling=Sampling(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0),
         extras=columns,
@@ -236,18 +240,25 @@ def evaluate(run: Run, step: int) -> dict:
             run.ref, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask
         )
         kl = losses.sequence_kl(rollout.logprobs, ref_logprobs, rollout.completion_mask, kind="k1")
+    per_prompt = torch.stack(
+        [scores.float().cpu(), kl.float().cpu(), rollout.completion_lengths.float().cpu()]
+    )
+    completions = rollout.completions
+    if part != slice(None):
+        per_prompt = distributed.gather_rows(per_prompt.T.contiguous(), world).T
+        completions = distributed.gather_objects(completions, world)
+    scores, kl, lengths = per_prompt
     result = {
         "eval/reward": float(scores.mean()),
         "eval/kl": float(kl.mean()),
-        "eval/length": float(rollout.completion_lengths.float().mean()),
+        "eval/length": float(lengths.mean()),
     }
     run.logger.log(step, result)
-    samples = [
-        {"prompt": p, "completion": c, "score": float(s)}
-        for p, c, s in zip(rollout.prompts, rollout.completions, scores)
-    ]
-    if not run.world.is_main:
+    if not world.is_main:
         return result
+    samples = [
+        {"prompt": p, "completion": c, "score": float(s)} for p, c, s in zip(prompts, completions, scores)
+    ]
     (run.run_dir / "eval").mkdir(exist_ok=True)
     atomic_write_text(
         run.run_dir / "eval" / f"step_{step:06d}.json", json.dumps({**result, "samples": samples}, indent=1)
