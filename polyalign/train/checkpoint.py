@@ -4,8 +4,8 @@ Layout of `run_dir/checkpoints/`:
     step_000123/            one complete checkpoint
         <name>.safetensors  one per model (policy, value_model, ...); tied weights stored once
         optimizer.pt        optimizer.state_dict() (only when an optimizer was given)
-        sharded/            instead of the two above, with output.checkpoint_format=sharded: every process's
-                            shards of models and optimizer (torch.distributed.checkpoint; train/distributed_checkpoint.py)
+        sharded/            instead of the two above, with output.checkpoint_format=sharded: every
+                            process's shards of models and optimizer (torch.distributed.checkpoint)
         rng.pt              python, numpy, torch CPU (and CUDA) RNG states
         state.json          {"step", "trainer_state", "scheduler_state", "models", "saved_at"}
         COMPLETE            written last; a directory without it is never loaded
@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+
+from polyalign.train.distributed import is_sharded
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -228,7 +230,9 @@ def save_checkpoint(
 
     `models` values are modules, or full state dicts (gathered from FSDP shards); `optimizer` is an optimizer
     or its state dict. `sharded`: a torch.distributed.checkpoint directory holding the models' and
-    optimizer's shards, moved into the checkpoint as `sharded/` (the `models` values are then None). Pruning (keep_last not None) keeps the `keep_last` newest checkpoints with step <= `step` plus the one
+    optimizer's shards, moved into the checkpoint as `sharded/` (the `models` values are then None).
+
+    Pruning (keep_last not None) keeps the `keep_last` newest checkpoints with step <= `step` plus the one
     `best` points to; checkpoints with a larger step belong to an abandoned timeline (the run was resumed
     from an earlier checkpoint) and are removed too. Returns the checkpoint directory.
     """
@@ -333,7 +337,7 @@ def load_checkpoint(
             raise FileNotFoundError(
                 f"load_checkpoint: {ckpt} has no model {name!r}; it has {state['models']}"
             )
-        if _sharded(model):
+        if is_sharded(model):
             from polyalign.train.distributed_checkpoint import load_full_model_state
 
             load_full_model_state(model, load_file(str(weights)))
@@ -343,7 +347,7 @@ def load_checkpoint(
         if not (ckpt / "optimizer.pt").is_file():
             raise FileNotFoundError(f"load_checkpoint: {ckpt} was saved without an optimizer")
         saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-        if any(_sharded(m) for m in models.values()):
+        if any(is_sharded(m) for m in models.values()):
             from polyalign.train.distributed_checkpoint import load_full_optimizer_state
 
             load_full_optimizer_state(models, optimizer, saved)
@@ -353,11 +357,6 @@ def load_checkpoint(
         _restore_rng(torch.load(ckpt / "rng.pt", weights_only=True))
     state["path"] = str(ckpt)
     return state
-
-
-def _sharded(model: nn.Module) -> bool:
-    """True for a model whose parameters are FSDP shards (DTensors)."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def resume_run(run) -> bool:

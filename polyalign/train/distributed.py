@@ -23,6 +23,7 @@ How a run is split (so that N processes compute what one process computes, withi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 from collections.abc import Iterator
@@ -74,6 +75,13 @@ def init_world(device: str) -> tuple[World, str]:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     return world, device
+
+
+def join(cfg):
+    """`init_world` for a run config (online or offline): the world and the config with this process's
+    device in `model.device`."""
+    world, device = init_world(cfg.model.device)
+    return world, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
 
 
 def shard(n: int, world: World, what: str) -> slice:
@@ -220,9 +228,12 @@ class AdapterDisabledForward(TrainForward):
             return self._root(fn, *args, **kwargs)
 
 
-def lora_reference(ref: nn.Module, root: nn.Module, policy: nn.Module, strategy: str, world: World):
-    """A LoRA reference view (`polyalign.lora.reference_view`) as it must run: the view itself in one process
-    or under DDP, the policy's FSDP root with the adapter disabled under FSDP."""
+def wrap_reference(ref: nn.Module, root: nn.Module, policy: nn.Module, strategy: str, world: World):
+    """The reference as training runs it. A LoRA reference view (`polyalign.lora.reference_view`, no weights
+    of its own) stays the view in one process or under DDP and becomes the policy's FSDP root with the
+    adapter disabled under FSDP; any other reference is wrapped as a frozen model (`wrap`)."""
+    if type(ref).__module__ != "polyalign.lora":
+        return wrap(ref, strategy, world, trainable=False)
     if world.distributed and strategy == "fsdp":
         return AdapterDisabledForward(root, policy)
     return ref

@@ -7,7 +7,6 @@ loop and the losses; this file holds no algorithm.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +124,7 @@ def setup_reference(cfg: OfflineRunConfig, model, train_set: PairSet, eval_set: 
 def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun:
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
-    world, device = distributed.init_world(cfg.model.device)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
+    world, cfg = distributed.join(cfg)
     seed_everything(cfg.train.seed)
     run_dir = distributed.claim_on_main(cfg.output.run_dir, resume, world, dump_yaml(cfg))
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.policy))
@@ -141,10 +139,8 @@ def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun
     steps = total_steps(cfg, len(train_set))
     distributed.shard(cfg.train.batch_size, world, "train.batch_size")  # fails early when it cannot split
     train_model = distributed.wrap(model, cfg.model.parallel, world)
-    if ref is not None and type(ref).__module__ == "polyalign.lora":
-        ref = distributed.lora_reference(ref, train_model, model, cfg.model.parallel, world)
-    elif ref is not None:
-        ref = distributed.wrap(ref, cfg.model.parallel, world, trainable=False)
+    if ref is not None:
+        ref = distributed.wrap_reference(ref, train_model, model, cfg.model.parallel, world)
     optimizer = build_optimizer(
         model.named_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )

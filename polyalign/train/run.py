@@ -90,8 +90,7 @@ class Run:
 def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
-    world, device = distributed.init_world(cfg.model.device)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
+    world, cfg = distributed.join(cfg)
     check_split(cfg, world)
     seed_everything(cfg.train.seed)
     run_dir = distributed.claim_on_main(cfg.output.run_dir, resume, world, dump_yaml(cfg))
@@ -117,17 +116,7 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
     from polyalign.train import ppo  # PPO adds a critic with its own parameters
 
     value_model = ppo.build_value_model(cfg, policy) if cfg.algo.name == "ppo" else None
-    strategy = cfg.model.parallel
-    policy_train = distributed.wrap(policy, strategy, world)
-    value_train = distributed.wrap(value_model, strategy, world) if value_model is not None else None
-    if world.distributed and strategy == "fsdp":  # reward models scoring rollouts: sharded too
-        for scorer in rewards.values():
-            if isinstance(getattr(scorer, "model", None), torch.nn.Module):
-                scorer.model = distributed.wrap(scorer.model, strategy, world, trainable=False)
-    if ref is not None and _is_view(ref):
-        ref = distributed.lora_reference(ref, policy_train, policy, strategy, world)
-    elif ref is not None:
-        ref = distributed.wrap(ref, strategy, world, trainable=False)
+    policy_train, value_train, ref = _distribute(cfg, world, policy, value_model, ref, rewards)
     params = list(policy.parameters()) + (list(value_model.parameters()) if value_model is not None else [])
     optimizer = build_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     run = Run(
@@ -158,6 +147,21 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
     return run
 
 
+def _distribute(cfg: RunConfig, world: World, policy, value_model, ref, rewards: dict):
+    """Wrap the models for DDP / FSDP (no-ops in one process): (policy_train, value_train, reference).
+    Under FSDP the reward models that score rollouts are sharded too (they are frozen)."""
+    strategy = cfg.model.parallel
+    policy_train = distributed.wrap(policy, strategy, world)
+    value_train = distributed.wrap(value_model, strategy, world) if value_model is not None else None
+    if world.distributed and strategy == "fsdp":
+        for scorer in rewards.values():
+            if isinstance(getattr(scorer, "model", None), torch.nn.Module):
+                scorer.model = distributed.wrap(scorer.model, strategy, world, trainable=False)
+    if ref is not None:
+        ref = distributed.wrap_reference(ref, policy_train, policy, strategy, world)
+    return policy_train, value_train, ref
+
+
 def check_split(cfg: RunConfig, world: World) -> None:
     """Each process must get whole groups, as many in each of the algo.updates_per_batch minibatches."""
     prompts, parts = cfg.rollout.prompts_per_step, cfg.algo.updates_per_batch
@@ -178,10 +182,6 @@ def _reference(cfg: RunConfig, policy: torch.nn.Module) -> torch.nn.Module:
 
         return reference_view(policy)
     return _frozen_copy(policy)
-
-
-def _is_view(ref: torch.nn.Module) -> bool:
-    return type(ref).__module__ == "polyalign.lora"
 
 
 def _engine(cfg: RunConfig, policy: torch.nn.Module, tokenizer):
