@@ -53,16 +53,16 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_repro(args: argparse.Namespace, extra: list[str]) -> int:
     if args.name == "copg-offline":
-        from polyalign.repro.copg_offline import cli_copg_offline
+        from polyalign.recipes.copg_offline import cli_copg_offline
 
         return cli_copg_offline(
             out=args.out or "runs/copg-offline", steps=args.steps, seeds=args.seeds or [0], betas=None
         )
     if args.name == "copg-bandit":
-        from polyalign.repro.copg_bandit import cli_copg_bandit
+        from polyalign.recipes.copg_bandit import cli_copg_bandit
 
         return cli_copg_bandit(epochs=args.epochs, seed=args.seed, out=args.out or "runs/copg-bandit")
-    from polyalign.repro.back_to_basics import cli_back_to_basics
+    from polyalign.recipes.back_to_basics import cli_back_to_basics
 
     return cli_back_to_basics(
         seeds=args.seeds or [0, 1, 2],
@@ -79,25 +79,25 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
-    from polyalign.serve import cli_serve
+    from polyalign.recipes.serve import cli_serve
 
     return cli_serve(args)
 
 
 def cmd_synth(args: argparse.Namespace, extra: list[str]) -> int:
-    from polyalign.data.synth.pipeline import cli_synth
+    from polyalign.synth.pipeline import cli_synth
 
     return cli_synth(args.config, _split_overrides(extra))
 
 
 def cmd_experiment(args: argparse.Namespace, extra: list[str]) -> int:
-    from polyalign.experiment.run import cli_experiment
+    from polyalign.recipes.experiment.run import cli_experiment
 
     return cli_experiment(args.config, _split_overrides(extra))
 
 
 def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
-    from polyalign.plan import cli_plan
+    from polyalign.recipes.plan import cli_plan
 
     return cli_plan(args.config, _split_overrides(extra), args.nproc, args.gpu_memory, args.json)
 

@@ -34,7 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from polyalign.config import LoraConfig
-from polyalign.train.checkpoint import fsync_dir, fsync_file, remove_dir
+from polyalign.files import fsync_dir, fsync_file, remove_dir
 
 EXPORT_MODES = ("adapter", "merged", "both")
 # Class-name suffix -> peft task type; classifiers get their fresh head trained in full (modules_to_save).

@@ -150,3 +150,28 @@ def load_reward_model(
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_dtype(dtype))
     model.eval().requires_grad_(False)
     return _finish(model, tokenizer, device), tokenizer
+
+
+def load_base_classifier(base: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Sequence classifier (num_labels=1) from a causal-LM checkpoint; fresh seeded score head.
+
+    The pad token is the base config's pad id (unk for stories260K), so the saved tokenizer and
+    config.pad_token_id agree.
+    """
+    path = resolve_model_path(base)
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError(f"base model {base!r} has neither a pad nor an eos token id")
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=pad_id)
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise ValueError(f"expected a one-output `score` head on {type(model).__name__}, got {head!r}")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # do not rely on from_pretrained's init of missing weights
+        head.weight.normal_(0.0, config.initializer_range, generator=generator)
+        if head.bias is not None:
+            head.bias.zero_()
+    return model, tokenizer

@@ -6,5 +6,5 @@
 # 6 epochs lr 2e-3 (below) gave val 0.858 / 0.88. The test split was not used to choose.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m polyalign.train.reward_model --base stories260K --out polyalign/assets/sentiment_rm \
+python -m polyalign.recipes.sentiment_rm --base stories260K --out polyalign/assets/sentiment_rm \
   --epochs 6 --lr 0.002 --batch-size 32 --seed 0 --weight-decay 0.01 --max-length 128 --threads 1 "$@"

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from polyalign.config import load_config
-from polyalign.repro.back_to_basics import (
+from polyalign.recipes.back_to_basics import (
     BUDGET_PER_STEP,
     METHODS,
     bootstrap_ci,

@@ -15,9 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from polyalign.files import atomic_write_json, atomic_write_text
 from polyalign.train.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
     best_checkpoint,
     latest_checkpoint,
     load_checkpoint,

@@ -79,9 +79,9 @@ def load_any(path: Path):
     """Each family of configs with its own loader: eval/, synth/, experiment/, offline (a `loss:` section),
     online (the rest)."""
     from polyalign.config_offline import is_offline_config, load_offline_config
-    from polyalign.data.synth.config import SynthConfig
     from polyalign.eval.config import EvalRunConfig
-    from polyalign.experiment.config import ExperimentConfig
+    from polyalign.recipes.experiment.config import ExperimentConfig
+    from polyalign.synth.config import SynthConfig
 
     special = {"eval": EvalRunConfig, "synth": SynthConfig, "experiment": ExperimentConfig}
     if path.parent.name in special:

@@ -11,8 +11,7 @@ import math
 
 import pytest
 import torch
-
-from polyalign.repro import copg_bandit as cb
+from polyalign.recipes import copg_bandit as cb
 
 BETA = 0.5
 REWARDS = torch.tensor(cb.REWARDS, dtype=torch.float64)

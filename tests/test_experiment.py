@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from polyalign.config import ConfigError, load_config
-from polyalign.experiment.config import DataSource, ExperimentConfig, TrainSetConfig
-from polyalign.experiment.report import build_matrix, matrix_markdown, write_experiment_report
-from polyalign.experiment.run import build_train_sets, cli_experiment
+from polyalign.recipes.experiment.config import DataSource, ExperimentConfig, TrainSetConfig
+from polyalign.recipes.experiment.report import build_matrix, matrix_markdown, write_experiment_report
+from polyalign.recipes.experiment.run import build_train_sets, cli_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 

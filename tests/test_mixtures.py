@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from polyalign.data.synth.mixtures import build_mixture, mixture_counts, write_mixture
+from polyalign.synth.mixtures import build_mixture, mixture_counts, write_mixture
 
 
 def pairs(n: int, kind: str, labels: tuple = (None,), languages: tuple = ("en",)) -> list[dict]:

@@ -18,7 +18,7 @@ from polyalign.config import load_config
 from polyalign.config_offline import load_offline_config
 from polyalign.logprobs import completion_logprobs
 from polyalign.models import resolve_model_path
-from polyalign.plan import (
+from polyalign.recipes.plan import (
     ADAM_STEP_BYTES,
     OFFLINE_NEEDS_REFERENCE,
     Shape,
@@ -243,8 +243,8 @@ def test_offline_reference_is_freed_after_precompute():
 
 
 def test_offline_reward_model_counts_the_classifier():
+    from polyalign.models import load_base_classifier
     from polyalign.train.offline_run import NEEDS_REFERENCE
-    from polyalign.train.reward_model import load_base_classifier
 
     assert OFFLINE_NEEDS_REFERENCE == NEEDS_REFERENCE
     plan = plan_memory(load_offline_config("configs/offline/reward_model.yaml"))
@@ -257,7 +257,7 @@ def test_offline_reward_model_counts_the_classifier():
 def test_lora_reward_model_counts_adapter_and_head():
     from polyalign.config import LoraConfig
     from polyalign.lora import apply_lora
-    from polyalign.train.reward_model import load_base_classifier
+    from polyalign.models import load_base_classifier
 
     cfg = load_offline_config("configs/offline/reward_model.yaml", ["--model.lora={r: 4}"])
     held = roles(plan_memory(cfg))["reward_model"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from polyalign.data.io import DataError, JsonlWriter, read_records, read_table, write_jsonl_atomic
+from polyalign.data.io import DataError, JsonlWriter, read_records, read_table
 from polyalign.data.preference import (
     Columns,
     ScoredCompletion,
@@ -19,6 +19,7 @@ from polyalign.data.preference import (
     load_scored,
     pairs_from_scored,
 )
+from polyalign.files import write_jsonl_atomic
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 DEMO = Path(__file__).parent.parent / "polyalign" / "assets" / "dpo_demo"

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from polyalign.data.sentiment import build_pairs, load_sentiment, split_sentiment
-from polyalign.rewards import build_reward, score_all
-from polyalign.rewards.model import RewardModelScorer, encode_texts, sequence_scores
-from polyalign.train.reward_model import (
+from polyalign.recipes.sentiment_data import build_pairs, load_sentiment, split_sentiment
+from polyalign.recipes.sentiment_rm import (
     best_threshold,
     load_base_classifier,
     pairwise_accuracy,
     train_reward_model,
 )
+from polyalign.rewards import build_reward, score_all
+from polyalign.rewards.model import RewardModelScorer, encode_texts, sequence_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 RM_DIR = ROOT / "polyalign" / "assets" / "sentiment_rm"
@@ -139,7 +139,7 @@ def test_base_classifier_keeps_body_and_seeds_fresh_head():
 
 def test_train_steps_lower_bradley_terry_loss_on_fixed_pairs():
     from polyalign.losses import bradley_terry_loss
-    from polyalign.train.reward_model import _train_step
+    from polyalign.recipes.sentiment_rm import _train_step
 
     torch.set_num_threads(1)
     model, tokenizer = load_base_classifier("stories260K", seed=0)

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from polyalign.data.sentiment import (
+from polyalign.recipes.sentiment_data import (
     SOURCES,
     LabelledSentence,
     build_pairs,

@@ -12,8 +12,8 @@ import pytest
 
 from polyalign.eval.backends import ChatClient, OpenAIChatBackend
 from polyalign.eval.judges import LLMPairwiseJudge, LLMPointwiseJudge
+from polyalign.recipes.serve import serve
 from polyalign.rollout.hf import HFEngine
-from polyalign.serve import serve
 from polyalign.types import Sampling
 
 

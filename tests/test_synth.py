@@ -16,12 +16,12 @@ import pytest
 
 from polyalign.config import ConfigError, load_config
 from polyalign.data.io import DataError
-from polyalign.data.synth import stages
-from polyalign.data.synth.config import BackendConfig, SynthConfig, TranslateConfig
-from polyalign.data.synth.langcheck import check_language
-from polyalign.data.synth.pipeline import cli_synth, run_synth
-from polyalign.data.synth.safety import load_redteam_prompts
-from polyalign.data.synth.store import read_stage
+from polyalign.synth import stages
+from polyalign.synth.config import BackendConfig, SynthConfig, TranslateConfig
+from polyalign.synth.langcheck import check_language
+from polyalign.synth.pipeline import cli_synth, run_synth
+from polyalign.synth.safety import load_redteam_prompts
+from polyalign.synth.store import read_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -262,8 +262,8 @@ _KILL_SCRIPT = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
     from test_synth import ScriptedGenerator, LengthScorer, sources_n
-    from polyalign.data.synth.config import SynthConfig
-    from polyalign.data.synth.pipeline import run_synth
+    from polyalign.synth.config import SynthConfig
+    from polyalign.synth.pipeline import run_synth
     cfg = SynthConfig(out_dir={out!r}, progress=False, batch_size=1)
     run_synth(cfg, [ScriptedGenerator("a", delay=0.05), ScriptedGenerator("b", delay=0.05)], None, LengthScorer(),
               sources_n(40))
@@ -303,7 +303,7 @@ def test_kill_9_mid_run_then_rerun_has_every_record_once(tmp_path):
 
 def test_stages_with_the_real_local_server(tmp_path, stories):
     from polyalign.eval.backends import ChatClient, OpenAIChatBackend
-    from polyalign.serve import serve
+    from polyalign.recipes.serve import serve
 
     model, tokenizer = stories
     server, _ = serve(model, tokenizer=tokenizer, model_id="stories260K")
@@ -314,11 +314,11 @@ def test_stages_with_the_real_local_server(tmp_path, stories):
             cfg = BackendConfig(name=name, kind="openai", model="stories260K", base_url=url, temperature=temp,
                                 max_new_tokens=12, cache=str(tmp_path / f"{name}.jsonl"))  # fmt: skip
             client = ChatClient(OpenAIChatBackend("stories260K", url), cfg.cache, max_workers=2)
-            from polyalign.data.synth.backends import ChatGenerator
+            from polyalign.synth.backends import ChatGenerator
 
             gens.append(ChatGenerator(client, cfg))
-        from polyalign.data.synth.backends import JudgeScorer
         from polyalign.eval.judges import LLMPointwiseJudge
+        from polyalign.synth.backends import JudgeScorer
 
         judge = JudgeScorer(
             LLMPointwiseJudge(ChatClient(OpenAIChatBackend("stories260K", url)), "harm"), "served-harm"

@@ -16,11 +16,12 @@ import csv
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from polyalign.files import jsonl_text
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "hf")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -249,36 +250,6 @@ def _read_hf(source: str, split: str) -> list[dict]:
     return dataset.to_list()
 
 
-def _dump_lines(records: Iterable[dict]) -> str:
-    """All records as JSONL text, serialised before anything is written (a bad record writes nothing)."""
-    lines = []
-    for i, record in enumerate(records):
-        try:
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"record {i} is not JSON-serialisable: {exc}") from None
-    return "".join(lines)
-
-
-def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
-    """Write records as JSONL to a temporary file next to `path`, fsync it, then rename it over `path`, so
-    readers see either the old file or the complete new one. Returns the number of records written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = _dump_lines(records)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return text.count("\n")
-
-
 def _trim_partial_line(path: Path) -> int:
     """Cut a trailing record left half-written by a crash (no final newline); returns the bytes dropped."""
     data = path.read_bytes()
@@ -309,7 +280,7 @@ class JsonlWriter:
 
     def write(self, records: Iterable[dict]) -> int:
         """Append a batch of records durably; returns how many were written."""
-        text = _dump_lines(records)
+        text = jsonl_text(records)
         self._file.write(text)
         self._file.flush()
         os.fsync(self._file.fileno())

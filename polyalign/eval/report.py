@@ -10,9 +10,9 @@ written "-" (absent), never 0. Knows nothing about models or judges beyond the s
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from pathlib import Path
+
+from polyalign.files import atomic_write_text
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", file name, alt)
 
@@ -218,17 +218,6 @@ def to_html(blocks: list[Block], title: str) -> str:
         f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{style}'
         f"</style></head><body>{''.join(body)}</body></html>\n"
     )
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write via a temporary file and rename, so a reader never sees half a report. (Not
-    polyalign.train.checkpoint's twin: eval/ must not import train/.)"""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
 
 
 def write_report(summary: dict, out_dir: str | Path) -> dict[str, Path]:

@@ -36,7 +36,8 @@ from polyalign.eval.prompts import (
     load_prompt_file,
     load_xsafety,
 )
-from polyalign.eval.report import atomic_write_text, write_report
+from polyalign.eval.report import write_report
+from polyalign.files import atomic_write_text
 
 
 def load_prompts(cfg: EvalRunConfig) -> tuple[list[EvalPrompt], str]:

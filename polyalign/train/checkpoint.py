@@ -29,7 +29,6 @@ import random
 import re
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,61 +36,13 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from polyalign.files import atomic_write_text, fsync_dir, fsync_file, remove_dir, to_json
 from polyalign.train.distributed import is_sharded
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds: the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` so that readers see the old content or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist()
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__} ({obj!r:.80})")
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-    """`atomic_write_text` of `obj` as JSON (tensors and numpy values become lists/numbers)."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
 
 
 def checkpoint_name(step: int) -> str:
@@ -122,13 +73,6 @@ def _read_pointer(root: Path, name: str) -> Path | None:
     if not _STEP_DIR.match(target):  # a pointer only ever names a sibling step_ directory
         return None
     return root / target if _is_complete(root / target) else None
-
-
-def remove_dir(path: Path) -> None:
-    """Delete a directory crash-safely: rename to .tmp-* (atomic) first, so a partial delete is ignored."""
-    doomed = path.with_name(f".tmp-del-{path.name}-{uuid.uuid4().hex[:8]}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _rng_state() -> dict:
@@ -195,7 +139,7 @@ def _write_checkpoint_files(
         "format": "sharded" if sharded is not None else "full",
         "saved_at": time.time(),
     }
-    (tmp / "state.json").write_text(json.dumps(state, indent=2, default=_json_default) + "\n")
+    (tmp / "state.json").write_text(to_json(state) + "\n")
     for path in tmp.rglob("*"):
         if path.is_file():
             fsync_file(path)

@@ -145,7 +145,8 @@ def broadcast_object(obj, world: World):
 def claim_on_main(run_dir: str, resume: bool, world: World, config_yaml: str) -> Path:
     """Rank 0 claims the run directory (see `claim_run_dir`) and writes config.yaml; the others wait and
     raise the same error when it refuses."""
-    from polyalign.train.checkpoint import atomic_write_text, claim_run_dir
+    from polyalign.files import atomic_write_text
+    from polyalign.train.checkpoint import claim_run_dir
 
     error = None
     if world.is_main:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from polyalign.train.checkpoint import atomic_write_text
+from polyalign.files import atomic_write_text
 
 
 def get_rank() -> int:

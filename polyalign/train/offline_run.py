@@ -15,10 +15,17 @@ import torch
 
 from polyalign.config import ConfigError, dump_yaml
 from polyalign.config_offline import OfflineRunConfig
-from polyalign.models import load_policy, load_reference, load_tokenizer, resolve_model_path
+from polyalign.files import atomic_write_text
+from polyalign.models import (
+    load_base_classifier,
+    load_policy,
+    load_reference,
+    load_tokenizer,
+    resolve_model_path,
+)
 from polyalign.report import write_run_report
 from polyalign.train import distributed
-from polyalign.train.checkpoint import atomic_write_text, resume_run
+from polyalign.train.checkpoint import resume_run
 from polyalign.train.distributed import World
 from polyalign.train.distributed_checkpoint import export_lora_from, full_model_state
 from polyalign.train.logging import MetricsLogger, NullLogger, Progress, print0
@@ -83,8 +90,6 @@ def load_trained_model(cfg: OfflineRunConfig) -> torch.nn.Module:
     """The model to train: the policy, or a one-output sequence classifier initialised from it."""
     m = cfg.model
     if cfg.loss.name == "reward_model":
-        from polyalign.train.reward_model import load_base_classifier
-
         model, _ = load_base_classifier(m.policy, cfg.train.seed)
         return model.to(device=m.device, dtype=getattr(torch, m.dtype)).train()
     model, _ = load_policy(m.policy, m.dtype, m.device, m.gradient_checkpointing)

@@ -92,9 +92,9 @@ def build_offline_set(
     sample, finished}. The file is a cache: when `out` exists and its `<out>.meta.json` records the same
     arguments it is returned untouched; other arguments are an error (delete the file to rebuild)."""
     from polyalign.data.prompts import load_prompts
+    from polyalign.files import atomic_write_json, atomic_write_text
     from polyalign.models import load_policy
     from polyalign.rollout.hf import HFEngine
-    from polyalign.train.checkpoint import atomic_write_json, atomic_write_text
     from polyalign.types import Sampling
 
     out, meta_path = Path(out), Path(f"{out}.meta.json")
@@ -351,7 +351,7 @@ def run_sweep(s: Settings, seeds: list[int], betas: dict[str, tuple[float, ...]]
 
 def run_repro(s: Settings, seeds: list[int], betas: dict | None, out: str | Path) -> dict:
     """The whole repro: sweep, print the table, write DIR/results.json and DIR/reward_vs_beta.png."""
-    from polyalign.train.checkpoint import atomic_write_json
+    from polyalign.files import atomic_write_json
 
     if not seeds:
         raise ValueError("seeds: give at least one seed")

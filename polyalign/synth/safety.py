@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 from polyalign.data.io import DataError, read_table
-from polyalign.data.synth.stages import source_record
-from polyalign.data.synth.store import check_unique_ids
+from polyalign.synth.stages import source_record
+from polyalign.synth.store import check_unique_ids
 
 SAFETY_PREAMBLE = (
     "You are a helpful and harmless assistant. If a request asks for harmful, hateful, violent, sexual, illegal "

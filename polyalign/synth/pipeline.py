@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from polyalign.config import ConfigError, dump_yaml, load_config
-from polyalign.data.io import write_jsonl_atomic
-from polyalign.data.synth import stages
-from polyalign.data.synth.config import SynthConfig
-from polyalign.data.synth.safety import load_redteam_prompts
-from polyalign.data.synth.store import check_unique_ids, read_stage
+from polyalign.files import write_jsonl_atomic
+from polyalign.synth import stages
+from polyalign.synth.config import SynthConfig
+from polyalign.synth.safety import load_redteam_prompts
+from polyalign.synth.store import check_unique_ids, read_stage
 
 
 def load_sources(cfg: SynthConfig) -> list[dict]:
@@ -69,7 +69,7 @@ def run_synth(
 ) -> dict:
     """Run every stage (module docstring); returns the summary written to out_dir/summary.json. Generators,
     translator, scorer and sources are built from the config unless given (tests pass scripted ones)."""
-    from polyalign.data.synth import backends
+    from polyalign.synth import backends
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

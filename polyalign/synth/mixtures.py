@@ -20,7 +20,7 @@ from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
-from polyalign.data.io import write_jsonl_atomic
+from polyalign.files import write_jsonl_atomic
 
 LABELS = ("all", "global", "local")
 

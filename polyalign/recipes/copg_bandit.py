@@ -25,7 +25,6 @@ This module knows nothing about language models; the bandit-specific PG surrogat
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from polyalign.files import atomic_write_json
 from polyalign.losses import copg_loss, ipo_loss
 
 REWARDS = (2.5, 2.0, 1.0)
@@ -332,10 +332,7 @@ def write_results(results: dict, out_dir: str | os.PathLike[str]) -> tuple[Path,
     """Write out_dir/results.json atomically (tmp file then os.replace) and out_dir/regret.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "results.json"
-    tmp_path = out / "results.json.tmp"
-    tmp_path.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp_path, json_path)
+    json_path = atomic_write_json(out / "results.json", results)
     png_path = out / "regret.png"
     plot_regret(results, png_path)
     return json_path, png_path

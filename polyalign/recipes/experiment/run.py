@@ -24,10 +24,11 @@ import json
 from pathlib import Path
 
 from polyalign.config import ConfigError, dump_yaml, load_config
-from polyalign.data.io import read_records, write_jsonl_atomic
-from polyalign.data.synth.mixtures import build_mixture, write_mixture
-from polyalign.experiment.config import DataSource, ExperimentConfig
-from polyalign.experiment.report import build_matrix, write_experiment_report
+from polyalign.data.io import read_records
+from polyalign.files import write_jsonl_atomic
+from polyalign.recipes.experiment.config import DataSource, ExperimentConfig
+from polyalign.recipes.experiment.report import build_matrix, write_experiment_report
+from polyalign.synth.mixtures import build_mixture, write_mixture
 
 BASE_ROW = "base"
 
@@ -35,8 +36,8 @@ BASE_ROW = "base"
 def load_pairs(source: DataSource, name: str, out: Path) -> list[dict]:
     """Pairs from a synth run (run now; resumable) or a file; [] when the source is unset."""
     if source.synth is not None:
-        from polyalign.data.synth.config import SynthConfig
-        from polyalign.data.synth.pipeline import run_synth
+        from polyalign.synth.config import SynthConfig
+        from polyalign.synth.pipeline import run_synth
 
         overrides = [f"out_dir={out / 'synth' / name}", *source.synth_overrides]
         summary = run_synth(load_config(source.synth, overrides, cls=SynthConfig))

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from polyalign.data.sentiment import LabelledSentence, build_pairs, load_sentiment, split_sentiment
 from polyalign.losses import bradley_terry_loss
-from polyalign.models import resolve_model_path
+from polyalign.models import load_base_classifier
+from polyalign.recipes.sentiment_data import LabelledSentence, build_pairs, load_sentiment, split_sentiment
 from polyalign.rewards.model import encode_texts, score_texts, sequence_scores
 
 # Story-style sentences to check that the RM transfers from review text to TinyStories text. They are
@@ -40,33 +40,6 @@ STORY_PROBES = (
     ("Mom gave Sue a hug and said she was a good girl.", "Mom was angry and yelled at Sue for the mess."),
     ("They played together all day and had a wonderful time.", "They fought all day and everyone was upset."),
 )
-
-
-def load_base_classifier(base: str, seed: int) -> tuple[Any, Any]:
-    """Sequence classifier (num_labels=1) from a causal-LM checkpoint; fresh seeded score head.
-
-    The pad token is the base config's pad id (unk for stories260K), so the saved tokenizer and
-    config.pad_token_id agree.
-    """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    path = resolve_model_path(base)
-    config = AutoConfig.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    pad_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError(f"base model {base!r} has neither a pad nor an eos token id")
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=pad_id)
-    head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
-        raise ValueError(f"expected a one-output `score` head on {type(model).__name__}, got {head!r}")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # do not rely on from_pretrained's init of missing weights
-        head.weight.normal_(0.0, config.initializer_range, generator=generator)
-        if head.bias is not None:
-            head.bias.zero_()
-    return model, tokenizer
 
 
 def pairwise_accuracy(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> float:
@@ -207,7 +180,7 @@ def _final_metrics(model: Any, tokenizer: Any, splits: dict, max_length: int) ->
 def reproduce_command(settings: dict, out_dir: str | Path) -> str:
     """The exact command line that retrains a model with these settings."""
     cmd = (
-        f"python -m polyalign.train.reward_model --base {settings['base']} --out {out_dir} "
+        f"python -m polyalign.recipes.sentiment_rm --base {settings['base']} --out {out_dir} "
         f"--epochs {settings['epochs']} --lr {settings['lr']} --batch-size {settings['batch_size']} "
         f"--seed {settings['seed']} --weight-decay {settings['weight_decay']} "
         f"--max-length {settings['max_length']}"
@@ -249,7 +222,7 @@ positive. It is the reward the polyalign quickstart optimises with RLOO. Use it 
 ## Data
 UCI "Sentiment Labelled Sentences" (Kotzias et al., KDD 2015), shipped in `polyalign/assets/sentiment/`:
 3,000 review sentences (Amazon, IMDB, Yelp), 50% positive. Split 80/10/10 train/val/test, stratified by
-(source, label), seeded shuffle (`polyalign.data.sentiment.split_sentiment(seed={cfg["seed"]})`).
+(source, label), seeded shuffle (`polyalign.recipes.sentiment_data.split_sentiment(seed={cfg["seed"]})`).
 Training pairs: a random positive (chosen) with a random negative (rejected), re-drawn every epoch.
 
 ## Training

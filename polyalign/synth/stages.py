@@ -22,9 +22,9 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from polyalign.data.synth.backends import Generator, Scorer, Translator
-from polyalign.data.synth.langcheck import check_language
-from polyalign.data.synth.store import make_id, run_batches
+from polyalign.synth.backends import Generator, Scorer, Translator
+from polyalign.synth.langcheck import check_language
+from polyalign.synth.store import make_id, run_batches
 
 _CARRIED = ("harm_category", "global_or_local")
 

@@ -1,4 +1,4 @@
-"""Counting for the memory planner (`polyalign.plan`): parameters and bytes of a model built from its config
+"""Counting for the memory planner (`polyalign.recipes.plan`): parameters and bytes of a model built from its config
 on the meta device (no weights read or allocated), and the per-token activation, logits and KV-cache
 formulas of a Llama-style decoder. Formulas and measured checks: docs/memory.md.
 """

@@ -83,7 +83,7 @@ def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> tupl
 
 
 def run_method(algo: str, k: int, base: RunConfig, seed: int, steps: int, out: Path) -> dict:
-    from polyalign.repro.dpo_on_samples import train_dpo_on_samples
+    from polyalign.recipes.dpo_on_samples import train_dpo_on_samples
     from polyalign.train.online import train_loop
     from polyalign.train.run import setup_run
 
@@ -112,7 +112,7 @@ def cli_back_to_basics(seeds: list[int], steps: int | None, out: str, overrides:
             results.setdefault(name, []).append(run_method(algo, k, base, seed, steps, out_dir / "runs"))
     table = summarize(results)
     print(format_table(table, steps, seeds))
-    from polyalign.train.checkpoint import atomic_write_json
+    from polyalign.files import atomic_write_json
 
     atomic_write_json(
         out_dir / "results.json",

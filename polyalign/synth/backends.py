@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from polyalign.data.synth.config import TRANSLATE_TEMPLATE, BackendConfig, JudgeConfig
+from polyalign.synth.config import TRANSLATE_TEMPLATE, BackendConfig, JudgeConfig
 
 # BCP-47 -> FLORES-200 codes used by NLLB (the Aya 23 languages and a few more).
 NLLB_CODES = {

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from polyalign.config import ConfigError, RunConfig, load_config
 from polyalign.config_offline import OfflineRunConfig, is_offline_config, load_offline_config
-from polyalign.plan_counts import (  # noqa: F401  (re-exported: the planner's public counting API)
+from polyalign.recipes.plan_counts import (  # noqa: F401  (re-exported: the planner's public counting API)
     ADAM_STEP_BYTES,
     DTYPE_BYTES,
     Count,
