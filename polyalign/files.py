@@ -95,3 +95,15 @@ def remove_dir(path: Path) -> None:
     doomed = path.with_name(f".tmp-del-{path.name}-{uuid.uuid4().hex[:8]}")
     os.replace(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def looks_local(name: str) -> bool:
+    """Whether `name` is meant as a local path rather than a hub id (`name` or `owner/name`): it exists,
+    starts with ./ ../ / ~ or a drive letter, or has more than one slash or a backslash."""
+    return (
+        os.path.exists(name)
+        or name.startswith(("./", "../", "/", "~", ".\\"))
+        or name.count("/") > 1
+        or "\\" in name
+        or (len(name) > 1 and name[1] == ":")
+    )

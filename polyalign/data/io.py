@@ -6,13 +6,21 @@ A record is a plain `dict`. Readers keep where each record came from (`"line 7"`
 error about a record can name the file, the place and the field. This module knows nothing about what
 the columns mean; `preference.py` and `prompts.py` interpret them.
 
+Compressed files are read by suffix (`pairs.jsonl.gz`, `prompts.csv.bz2`, `x.json.zst`): gzip and bzip2
+through the standard library, zstd through the `zstandard` package when installed. Text must be UTF-8 (a BOM
+is dropped); a line that is not is a "bad_encoding" error naming the file and line, or a skipped line under
+on_error="skip".
+
 Optional dependencies are imported only when used: `pyarrow` for Parquet, `datasets` for hub ids and
-saved dataset folders.
+saved dataset folders, `zstandard` for `.zst`.
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
+import io
 import json
 import math
 import os
@@ -21,10 +29,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from polyalign.files import jsonl_text
+from polyalign.files import jsonl_text, looks_local
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "hf")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".zst")
 
 
 class DataError(ValueError):
@@ -124,7 +133,7 @@ def read_table(
     if on_error not in ("error", "skip"):
         raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
     source = str(path_or_id)
-    fmt = fmt or _detect_format(Path(source))
+    fmt = fmt or _detect_format(source)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} for {source}; expected one of {FORMATS}")
     if fmt == "hf":
@@ -132,52 +141,102 @@ def read_table(
         return Records(source, rows, [f"row {i}" for i in range(len(rows))])
     if not Path(source).is_file():
         raise FileNotFoundError(f"no such file: {source}")
+    if fmt == "parquet":
+        rows = _read_parquet(Path(source))
+        return Records(source, rows, [f"row {i}" for i in range(len(rows))])
+    lines, bad = _text_lines(Path(source), on_error)
     if fmt == "jsonl":
-        return _read_jsonl(Path(source), on_error)
+        return _read_jsonl(Path(source), lines, bad, on_error)
     if fmt == "csv":
-        return _read_csv(Path(source))
-    rows = _read_json(Path(source), split, key) if fmt == "json" else _read_parquet(Path(source))
-    return Records(source, rows, [f"row {i}" for i in range(len(rows))])
+        return _read_csv(Path(source), lines, bad)
+    rows = _read_json(Path(source), "".join(text for _, text in lines), split, key)
+    return Records(source, rows, [f"row {i}" for i in range(len(rows))], bad)
 
 
-def _detect_format(path: Path) -> str:
+def _detect_format(source: str) -> str:
+    path = Path(source)
     if path.is_dir():
         return "hf"
-    suffix = path.suffix.lower()
-    if suffix in _SUFFIXES:
-        return _SUFFIXES[suffix]
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    inner = suffixes[-1] if suffixes else ""
+    if inner in _SUFFIXES:
+        return _SUFFIXES[inner]
     if path.exists():
-        raise ValueError(f"cannot tell the format of {path} from its suffix; pass fmt= one of {FORMATS}")
-    if suffix in (".gz", ".txt", ".tsv", ".arrow", ".yaml", ".yml"):
+        known = ", ".join(sorted(_SUFFIXES)) + f", each optionally + {'/'.join(COMPRESSIONS)}"
+        raise ValueError(
+            f"cannot tell the format of {path} from its suffix ({known}); pass fmt= one of {FORMATS}"
+        )
+    if inner or path.suffix or looks_local(source):
         raise FileNotFoundError(f"no such file: {path}")
     return "hf"  # not a local path and no data-file suffix: a hub id such as "org/name"
 
 
-def _read_jsonl(path: Path, on_error: str) -> Records:
-    rows, locations, skipped = [], [], []
-    with path.open(encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                if on_error == "skip":
-                    skipped.append(number)
-                    continue
-                raise DataError(
-                    f"{path}: line {number}: malformed JSON record: {exc}", "malformed_json"
-                ) from None
-            rows.append(row)
-            locations.append(f"line {number}")
-    return Records(str(path), rows, locations, tuple(skipped))
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """The file's bytes, decompressed by suffix (.gz, .bz2, .zst)."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".bz2":
+        return bz2.open(path, "rb")
+    if suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise ImportError(f"reading {path} needs zstandard: pip install zstandard") from None
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
 
 
-def _read_json(path: Path, split: str, key: str | None) -> list[dict]:
+def _text_lines(path: Path, on_error: str) -> tuple[list[tuple[int, str]], tuple[int, ...]]:
+    """(1-based line number, decoded line) for every line of a text file; lines that are not UTF-8 raise
+    a "bad_encoding" DataError naming the line, or are left out (and listed) under on_error="skip"."""
+    lines, bad = [], []
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        with open_binary(path) as f:
+            for number, raw in enumerate(io.BufferedReader(f) if path.suffix == ".zst" else f, start=1):
+                try:
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    if on_error == "skip":
+                        bad.append(number)
+                        continue
+                    raise DataError(
+                        f"{path}: line {number}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                        f"{exc.start + 1}); re-encode the file as UTF-8, or set data.on_error=skip",
+                        "bad_encoding",
+                    ) from None
+                lines.append((number, text))
+    except (OSError, EOFError) as exc:  # a truncated or corrupt .gz/.bz2/.zst
+        raise DataError(f"{path}: cannot be read: {exc}", "corrupt_file") from None
+    return lines, tuple(bad)
+
+
+def _read_jsonl(path: Path, lines: list[tuple[int, str]], bad: tuple[int, ...], on_error: str) -> Records:
+    rows, locations, skipped = [], [], list(bad)
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            if on_error == "skip":
+                skipped.append(number)
+                continue
+            raise DataError(
+                f"{path}: line {number}: malformed JSON record: {exc}", "malformed_json"
+            ) from None
+        rows.append(row)
+        locations.append(f"line {number}")
+    return Records(str(path), rows, locations, tuple(sorted(skipped)))
+
+
+def _read_json(path: Path, text: str, split: str, key: str | None) -> list[dict]:
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}", "malformed_json") from None
     if isinstance(data, dict):
@@ -205,22 +264,26 @@ def _list_in_object(path: Path, data: dict, split: str, key: str | None) -> list
     return data[chosen]
 
 
-def _read_csv(path: Path) -> Records:
+def _read_csv(path: Path, lines: list[tuple[int, str]], bad: tuple[int, ...]) -> Records:
     rows, locations = [], []
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, restkey="\0extra", restval=None)
-        start = reader.line_num + 2  # the header is line 1; a record may span several lines
-        for row in reader:
-            if "\0extra" in row or any(v is None for v in row.values()):
-                raise DataError(
-                    f"{path}: line {start}: expected {len(reader.fieldnames or [])} comma-separated fields "
-                    f"({reader.fieldnames}), got a different number",
-                    "malformed_csv",
-                )
-            rows.append(row)
-            locations.append(f"line {start}")
-            start = reader.line_num + 1
-    return Records(str(path), rows, locations)
+    numbers = [number for number, _ in lines]  # file line of each line read (non-UTF-8 lines left out)
+
+    def file_line(k: int) -> int:  # the k-th line read (0-based) as a line of the file
+        return numbers[k] if k < len(numbers) else k + 1
+
+    reader = csv.DictReader(io.StringIO("".join(text for _, text in lines), newline=""), restkey="\0extra")
+    start = file_line(1)  # the header is the first line; a record may span several lines
+    for row in reader:
+        if "\0extra" in row or any(v is None for v in row.values()):
+            raise DataError(
+                f"{path}: line {start}: expected {len(reader.fieldnames or [])} comma-separated fields "
+                f"({reader.fieldnames}), got a different number",
+                "malformed_csv",
+            )
+        rows.append(row)
+        locations.append(f"line {start}")
+        start = file_line(reader.line_num)
+    return Records(str(path), rows, locations, bad)
 
 
 def _read_parquet(path: Path) -> list[dict]:
