@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+
 from polyalign.recipes import copg_bandit as cb
 
 BETA = 0.5
