@@ -6,12 +6,17 @@ polyalign repro back-to-basics [--seeds 0 1 2] [--out DIR] ...       RLOO paper,
 polyalign eval CONFIG.yaml [--section.key=value ...]                  win-rate / harm rate / exact match
 polyalign serve [--model NAME] [--port 8000]                          OpenAI-compatible chat server
 polyalign plan [CONFIG.yaml] [--nproc N] [--gpu-memory GIB] [--json]   memory per process, no weights loaded
+
+Any error ends the command with one line, `polyalign <command>: <what>` and a non-zero exit status; the
+Python traceback is printed only with `--debug` (or POLYALIGN_DEBUG=1).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -26,14 +31,11 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     """Online when the config has an `algo:` section (or no config), offline when it has a `loss:` section."""
-    from polyalign.config import ConfigError, load_config
+    from polyalign.config import load_config
     from polyalign.config_offline import is_offline_config, load_offline_config
 
     offline = args.config is not None and Path(args.config).is_file() and is_offline_config(args.config)
-    try:
-        cfg = (load_offline_config if offline else load_config)(args.config, _split_overrides(extra))
-    except ConfigError as e:
-        raise SystemExit(f"polyalign train: {e}") from None
+    cfg = (load_offline_config if offline else load_config)(args.config, _split_overrides(extra))
     if offline:
         from polyalign.train.offline import train_offline
 
@@ -177,15 +179,38 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
     return names
 
 
+def _one_line(command: str, error: BaseException) -> str:
+    """`polyalign <command>: <message>`; the exception's type is named when the message alone is not enough
+    to tell what went wrong (errors that are not about the user's config, data, paths or endpoints)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ValueError, OSError, KeyError, ImportError, LookupError)):
+        # Config, data, path, missing-extra and endpoint errors already name the file, line and field.
+        if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in message:
+            message = f"{message}: {error.filename}"
+        return f"polyalign {command}: {message}"
+    return f"polyalign {command}: {type(error).__name__}: {message} (rerun with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("POLYALIGN_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     known = _option_strings(parser)
     # `--section.key=value` (and `--key=value` for top-level keys) are config overrides, taken out before
     # argparse, which would mistake a value with spaces (`--reward.functions={a: 1}`) for a positional.
     overrides = [a for a in argv if a.startswith("--") and "=" in a and a.split("=")[0] not in known]
     args, extra = parser.parse_known_args([a for a in argv if a not in overrides])
-    return args.func(args, overrides + extra)
+    try:
+        return args.func(args, overrides + extra)
+    except KeyboardInterrupt:
+        print(f"polyalign {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the one place a user-facing error becomes a line, not a traceback
+        if debug:
+            traceback.print_exc()
+        print(_one_line(args.command, error), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

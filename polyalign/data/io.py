@@ -89,6 +89,7 @@ class Records:
     rows: list[dict]
     locations: list[str]  # one per row: "line N" (JSONL/CSV, 1-based) or "row N" (JSON/Parquet/HF, 0-based)
     skipped_lines: tuple[int, ...] = ()  # malformed lines skipped under on_error="skip"
+    encoding_errors: tuple[int, ...] = ()  # lines skipped under on_error="skip" for not being UTF-8
 
 
 def read_records(
@@ -102,10 +103,10 @@ def read_records(
     """Rows of a local file or a Hugging Face dataset; see `read_table` (this drops the locations and
     warns with the count of skipped malformed lines)."""
     table = read_table(path_or_id, split, fmt, on_error=on_error, key=key)
-    if table.skipped_lines:
+    skipped = sorted(table.skipped_lines + table.encoding_errors)
+    if skipped:
         warnings.warn(
-            f"{table.source}: skipped {len(table.skipped_lines)} malformed line(s): "
-            f"{list(table.skipped_lines[:10])}",
+            f"{table.source}: skipped {len(skipped)} malformed line(s): {skipped[:10]}",
             stacklevel=2,
         )
     return table.rows
@@ -150,7 +151,7 @@ def read_table(
     if fmt == "csv":
         return _read_csv(Path(source), lines, bad)
     rows = _read_json(Path(source), "".join(text for _, text in lines), split, key)
-    return Records(source, rows, [f"row {i}" for i in range(len(rows))], bad)
+    return Records(source, rows, [f"row {i}" for i in range(len(rows))], encoding_errors=bad)
 
 
 def _detect_format(source: str) -> str:
@@ -169,7 +170,7 @@ def _detect_format(source: str) -> str:
             f"cannot tell the format of {path} from its suffix ({known}); pass fmt= one of {FORMATS}"
         )
     if inner or path.suffix or looks_local(source):
-        raise FileNotFoundError(f"no such file: {path}")
+        raise FileNotFoundError(f"no such file: {source}")
     return "hf"  # not a local path and no data-file suffix: a hub id such as "org/name"
 
 
@@ -214,7 +215,7 @@ def _text_lines(path: Path, on_error: str) -> tuple[list[tuple[int, str]], tuple
 
 
 def _read_jsonl(path: Path, lines: list[tuple[int, str]], bad: tuple[int, ...], on_error: str) -> Records:
-    rows, locations, skipped = [], [], list(bad)
+    rows, locations, skipped = [], [], []
     for number, line in lines:
         if not line.strip():
             continue
@@ -231,7 +232,7 @@ def _read_jsonl(path: Path, lines: list[tuple[int, str]], bad: tuple[int, ...], 
             ) from None
         rows.append(row)
         locations.append(f"line {number}")
-    return Records(str(path), rows, locations, tuple(sorted(skipped)))
+    return Records(str(path), rows, locations, tuple(skipped), bad)
 
 
 def _read_json(path: Path, text: str, split: str, key: str | None) -> list[dict]:
@@ -283,7 +284,7 @@ def _read_csv(path: Path, lines: list[tuple[int, str]], bad: tuple[int, ...]) ->
         rows.append(row)
         locations.append(f"line {start}")
         start = file_line(reader.line_num)
-    return Records(str(path), rows, locations, bad)
+    return Records(str(path), rows, locations, encoding_errors=bad)
 
 
 def _read_parquet(path: Path) -> list[dict]:

@@ -205,7 +205,11 @@ def _load(path_or_id, fmt, columns, language, split, on_error) -> tuple[list, Lo
         raise DataError(f"{table.source}: no records")
     fmt = detect_format(table.rows[0], columns, table.source) if fmt == "auto" else fmt
     parse, make = _PARSERS[fmt]
-    items, skipped, examples = [], Counter({"malformed_json": len(table.skipped_lines)}), []
+    items, skipped, examples = (
+        [],
+        Counter({"malformed_json": len(table.skipped_lines), "bad_encoding": len(table.encoding_errors)}),
+        [],
+    )
     for index, (row, location) in enumerate(zip(table.rows, table.locations)):
         where = f"{table.source}: {location}"
         try:
