@@ -1,5 +1,5 @@
-"""Prompt rendering, tokenization, truncation and collation (polyalign/data/chat.py), with the shipped
-stories260K tokenizer and a copy of it given a small chat template."""
+"""Prompt rendering, tokenization, truncation and collation (polyalign/data/chat.py) and message checks
+(messages.py), with the shipped stories260K tokenizer and a copy of it given a small chat template."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from polyalign.data.chat import (
     TokenizedExample,
     collate_pairs,
     collate_sft,
-    normalize_messages,
     pad_sequences,
     render_prompt,
     tokenize_completion,
@@ -23,6 +22,7 @@ from polyalign.data.chat import (
     truncation_counts,
 )
 from polyalign.data.io import DataError
+from polyalign.data.messages import normalize_messages
 from polyalign.data.preference import PreferencePair, load_preferences
 
 STORIES = Path(__file__).parent.parent / "polyalign" / "assets" / "stories260K"

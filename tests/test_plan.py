@@ -20,12 +20,12 @@ from polyalign.logprobs import completion_logprobs
 from polyalign.models import resolve_model_path
 from polyalign.recipes.plan import (
     ADAM_STEP_BYTES,
-    OFFLINE_NEEDS_REFERENCE,
     Shape,
     format_plan,
     layer_activation_bytes,
     plan_memory,
 )
+from polyalign.recipes.plan_models import OFFLINE_NEEDS_REFERENCE
 from polyalign.train.loop import build_optimizer
 from tests.conftest import tiny_llama_config
 

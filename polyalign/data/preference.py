@@ -30,13 +30,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polyalign.data.chat import (
+from polyalign.data.io import DataError, field_error, get_field, number_field, read_table, text_field
+from polyalign.data.messages import (
     common_prefix_length,
     normalize_messages,
     sharegpt_to_messages,
     split_conversations,
 )
-from polyalign.data.io import DataError, field_error, get_field, number_field, read_table, text_field
 
 _DEMO = Path(__file__).resolve().parent.parent / "assets" / "dpo_demo"
 BUILTIN = {

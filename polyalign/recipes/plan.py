@@ -1,7 +1,8 @@
 """Memory planner: which models a run holds, in which dtype, and the expected peak memory per process.
 
 Parameter counts come from each model's CONFIG, built on the meta device (no weights are read or
-allocated; a hub id needs its config only). Every byte count is per process:
+allocated; a hub id needs its config only: `plan_counts.py`); which models a run holds is `plan_models.py`.
+Every byte count is per process:
 
 - weights of every held model; gradients (parameter dtype) and AdamW state (exp_avg and exp_avg_sq in the
   parameter dtype, plus a float32 `step` scalar per tensor) of the trained ones. LoRA: only the adapter
@@ -26,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from polyalign.config import ConfigError, RunConfig, load_config
 from polyalign.config_offline import OfflineRunConfig, is_offline_config, load_offline_config
@@ -40,11 +40,9 @@ from polyalign.recipes.plan_counts import (  # noqa: F401  (re-exported: the pla
     kv_cache_bytes,
     layer_activation_bytes,
 )
+from polyalign.recipes.plan_models import Entry, offline_models, online_models
 
 GIB = 2**30
-# Offline losses compared against a reference policy (mirrors train/offline_run.NEEDS_REFERENCE, which this
-# module may not import: nothing but the CLI imports train/).
-OFFLINE_NEEDS_REFERENCE = ("dpo", "ipo", "copg")
 
 
 @dataclass(frozen=True)
@@ -95,18 +93,7 @@ class MemoryPlan:
     notes: tuple[str, ...]
 
 
-class _Entry(NamedTuple):
-    """A model the run holds, before per-process division."""
-
-    role: str
-    source: str
-    dtype: str
-    count: Count
-    shardable: bool
-    setup_only: bool = False
-
-
-def _held(entry: _Entry, sharded: bool, n: int) -> HeldModel:
+def _held(entry: Entry, sharded: bool, n: int) -> HeldModel:
     count, split = entry.count, n if sharded else 1
     return HeldModel(
         role=entry.role,
@@ -127,42 +114,6 @@ def _held(entry: _Entry, sharded: bool, n: int) -> HeldModel:
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _frozen(source: str, dtype: str) -> Count:
-    return count_model(source, "causal_lm", dtype, None, trains=False)
-
-
-def _online_reference(cfg: RunConfig, notes: list[str]) -> list[_Entry]:
-    """train/run.py: a reference unless kl_coef == 0 (CoPG always needs one)."""
-    m, a = cfg.model, cfg.algo
-    if a.kl_coef == 0 and a.name != "copg":
-        notes.append("no reference model: algo.kl_coef = 0")
-        return []
-    if m.reference:
-        return [_Entry("reference", m.reference, m.dtype, _frozen(m.reference, m.dtype), True)]
-    if m.lora is not None:
-        notes.append("LoRA: reference = base with adapter disabled (no extra weights)")
-        return []
-    notes.append("reference = frozen copy of the starting policy")
-    return [_Entry("reference", m.policy, m.dtype, _frozen(m.policy, m.dtype), True)]
-
-
-def _online_models(cfg: RunConfig, notes: list[str]) -> list[_Entry]:
-    m = cfg.model
-    entries = [_Entry("policy", m.policy, m.dtype, count_model(m.policy, "causal_lm", m.dtype, m.lora), True)]
-    entries += _online_reference(cfg, notes)
-    if cfg.algo.name == "ppo":  # train/ppo.build_value_model: a scalar head on the policy (or value_model)
-        source = cfg.algo.value_model or m.policy
-        entries.append(_Entry("value_model", source, m.dtype, count_model(source, "token", m.dtype), True))
-        notes.append("PPO value model trains every weight (policy weights + a fresh scalar head)")
-    for spec in cfg.reward.functions:
-        if spec.startswith("model:"):  # RewardModelScorer loads in float32 unless told otherwise
-            name = spec.removeprefix("model:")
-            count = count_model(name, "sequence", "float32", trains=False)
-            entries.append(_Entry("reward_model", name, "float32", count, True))
-            notes.append(f"reward model {name} held in float32 (RewardModelScorer's default)")
-    return entries
 
 
 def _split(total: int, n: int, what: str) -> None:
@@ -203,7 +154,7 @@ def _online_engine(cfg: RunConfig, shape: Shape, rollout_rows: int, gpu: float |
 def _plan_online(cfg: RunConfig, n: int, gpu: float | None) -> MemoryPlan:
     m, r = cfg.model, cfg.rollout
     notes: list[str] = []
-    entries = _online_models(cfg, notes)
+    entries = online_models(cfg, notes)
     policy, b = entries[0].count, DTYPE_BYTES[m.dtype]
     rollout_rows, rows = _online_rows(cfg, n)
     seq, completion = cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_new_tokens
@@ -222,36 +173,12 @@ def _plan_online(cfg: RunConfig, n: int, gpu: float | None) -> MemoryPlan:
     )
 
 
-def _offline_reference(cfg: OfflineRunConfig, notes: list[str]) -> list[_Entry]:
-    """train/offline_run.setup_reference: cached log-probs (reference freed after precompute) or a model."""
-    m, precompute = cfg.model, cfg.reference.precompute
-    if m.reference:
-        if precompute:
-            notes.append(
-                f"reference {m.reference} held only while its log-probs are precomputed; freed after precompute"
-            )
-        return [_Entry("reference", m.reference, m.dtype, _frozen(m.reference, m.dtype), True, precompute)]
-    if precompute:
-        notes.append(
-            "reference log-probs precomputed from the starting policy before training: "
-            "no reference model held during training (reference freed after precompute)"
-        )
-        return []
-    if m.lora is not None:
-        notes.append("LoRA: reference = base with adapter disabled (no extra weights)")
-        return []
-    notes.append("reference = frozen copy of the starting policy, held for the whole run (precompute: false)")
-    return [_Entry("reference", m.policy, m.dtype, _frozen(m.policy, m.dtype), True)]
-
-
 def _plan_offline(cfg: OfflineRunConfig, n: int, gpu: float | None) -> MemoryPlan:
     m, t, name = cfg.model, cfg.train, cfg.loss.name
     notes: list[str] = []
     is_rm = name == "reward_model"
-    trained = count_model(m.policy, "sequence" if is_rm else "causal_lm", m.dtype, m.lora)
-    entries = [_Entry("reward_model" if is_rm else "policy", m.policy, m.dtype, trained, True)]
-    if name in OFFLINE_NEEDS_REFERENCE:
-        entries += _offline_reference(cfg, notes)
+    entries = offline_models(cfg, notes)
+    trained = entries[0].count
     _split(t.batch_size, n, "train.batch_size")
     pairs = min(t.micro_batch_size, t.batch_size // n) if t.micro_batch_size else t.batch_size // n
     rows = pairs * (1 if name == "sft" else 2)  # chosen and rejected go through one forward
@@ -278,7 +205,7 @@ def _checkpointing_note(shape: Shape, dims: tuple, on: bool, act: int, notes: li
         )
 
 
-def _assemble(run: tuple, entries: list[_Entry], dims: tuple, sizes: tuple, notes: list[str]) -> MemoryPlan:
+def _assemble(run: tuple, entries: list[Entry], dims: tuple, sizes: tuple, notes: list[str]) -> MemoryPlan:
     """Per-process models, phases and the peak. run = (kind, algorithm, parallel, n, gpu GiB); dims = (rows,
     seq, completion tokens); sizes = (activations, logits, KV cache, vLLM reservation) bytes."""
     kind, algorithm, parallel, n, gpu = run

@@ -198,9 +198,8 @@ def save_reward_model(model: Any, tokenizer: Any, metrics: dict, out_dir: Path) 
     print(f"saved reward model to {out_dir}")
 
 
-def model_card(metrics: dict, out_dir: Path) -> str:
-    """README.md for a trained sentiment reward model."""
-    cfg = metrics["settings"]
+def _card_tables(metrics: dict) -> tuple[str, str]:
+    """The model card's table rows: accuracy per split, and the story probes' scores."""
     rows = "\n".join(
         f"| {name} | {metrics[name]['n']} | {metrics[name]['pairwise_accuracy']:.4f} "
         f"| {metrics[name]['pointwise_accuracy']:.4f} |"
@@ -210,6 +209,12 @@ def model_card(metrics: dict, out_dir: Path) -> str:
         f"| {p['positive']} | {p['positive_score']:+.3f} | {p['negative']} | {p['negative_score']:+.3f} |"
         for p in metrics["story_probes"]
     )
+    return rows, probes
+
+
+def model_card(metrics: dict, out_dir: Path) -> str:
+    """README.md for a trained sentiment reward model."""
+    cfg, (rows, probes) = metrics["settings"], _card_tables(metrics)
     return f"""# stories260K-sentiment-rm: a tiny sentiment reward model
 
 A Bradley-Terry reward model: `LlamaForSequenceClassification` (num_labels=1) initialised from the
