@@ -96,35 +96,38 @@ def test_completion_eos_is_configurable(tok):
         tokenize_completion(tok, "", add_eos=False)
 
 
-def test_truncation_cuts_prompt_from_left_and_keeps_completion(tok):
+def test_truncation_keeps_the_prompt_and_cuts_the_completion_from_the_right(tok):
     prompt = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
     completion = "One day, she saw a big ball."
     full_prompt, full_completion = tokenize_prompt(tok, prompt), tokenize_completion(tok, completion)
-    max_length = len(full_completion) + 6
+    max_length = len(full_prompt) + 3
     example = tokenize_pair(tok, prompt, completion, max_length=max_length, max_prompt_length=100)
-    assert example.completion_ids == full_completion and not example.completion_truncated
-    assert example.prompt_ids == [BOS] + full_prompt[-5:]  # BOS kept, then the END of the prompt
-    assert example.prompt_truncated
-    assert len(example.prompt_ids) + len(example.completion_ids) == max_length
+    assert example.prompt_ids == full_prompt and not example.prompt_truncated  # the whole prompt is kept
+    assert example.completion_ids == full_completion[:3] and example.completion_truncated  # the room left
     by_prompt_limit = tokenize_pair(tok, prompt, completion, max_length=512, max_prompt_length=4)
-    assert by_prompt_limit.prompt_ids == [BOS] + full_prompt[-3:]
-    assert by_prompt_limit.completion_ids == full_completion
+    assert by_prompt_limit.prompt_ids == [BOS] + full_prompt[-3:]  # BOS kept, then the END of the prompt
+    assert by_prompt_limit.prompt_truncated and by_prompt_limit.completion_ids == full_completion
 
 
-def test_completion_alone_too_long_is_cut_from_the_right(tok):
+def test_a_long_completion_never_pushes_the_prompt_out(tok):
     completion = "Lily and Tom went to the park to play with the big red ball every day."
     full = tokenize_completion(tok, completion)
+    prompt_ids = tokenize_prompt(tok, "Once upon a time")
     example = tokenize_pair(tok, "Once upon a time", completion, max_length=8, max_prompt_length=4)
-    assert example.completion_ids == full[:7] and example.completion_truncated  # EOS cut off too
-    # one prompt token always stays: the last one, which predicts the completion's first token
-    assert example.prompt_ids == tokenize_prompt(tok, "Once upon a time")[-1:] and example.prompt_truncated
-    short = tokenize_pair(tok, "Once upon a time", "Hi.", max_length=9, max_prompt_length=5)
+    assert example.prompt_ids == [BOS] + prompt_ids[-3:] and example.prompt_truncated  # 4 prompt tokens
+    assert example.completion_ids == full[:4] and example.completion_truncated  # 8 - 4, EOS cut off too
+    # max_prompt_length >= max_length: one token is left for the completion
+    squeezed = tokenize_pair(tok, "Once upon a time", completion, max_length=3, max_prompt_length=10)
+    assert len(squeezed.prompt_ids) == 2 and squeezed.completion_ids == full[:1]
+    short = tokenize_pair(
+        tok, "Once upon a time", "Hi.", max_length=len(prompt_ids) + 9, max_prompt_length=64
+    )
     assert truncation_counts([example, short]) == {"prompt_truncated": 1, "completion_truncated": 1}
     with pytest.raises(ValueError, match="max_length >= 2"):
         tokenize_pair(tok, "a", "b", max_length=1, max_prompt_length=1)
 
 
-def test_pair_prompt_fits_the_longer_completion(tok):
+def test_pair_completions_share_the_room_left_by_the_prompt(tok):
     pair = PreferencePair(
         "Once upon a time, there was a little dog named Max.",
         "He ran.",
@@ -136,14 +139,14 @@ def test_pair_prompt_fits_the_longer_completion(tok):
         0.0,
     )
     prompt_ids = tokenize_prompt(tok, pair.prompt)
-    rejected = tokenize_completion(tok, pair.rejected)
-    example = tokenize_preference(tok, pair, max_length=len(rejected) + 4, max_prompt_length=64)
-    assert example.rejected_ids == rejected and example.chosen_ids == tokenize_completion(tok, pair.chosen)
-    assert example.prompt_ids == [BOS] + prompt_ids[-3:]
+    chosen, rejected = tokenize_completion(tok, pair.chosen), tokenize_completion(tok, pair.rejected)
+    example = tokenize_preference(tok, pair, max_length=len(prompt_ids) + len(chosen), max_prompt_length=64)
+    assert example.prompt_ids == prompt_ids and example.chosen_ids == chosen
+    assert example.rejected_ids == rejected[: len(chosen)]
     assert (example.prompt_truncated, example.chosen_truncated, example.rejected_truncated) == (
+        False,
+        False,
         True,
-        False,
-        False,
     )
     assert (example.language, example.chosen_score, example.rejected_score) == ("en", 1.0, 0.0)
 

@@ -16,12 +16,12 @@ chat-template text already contains them, so it is tokenized without adding any.
 special tokens, then EOS (`add_eos=True`). Note: SentencePiece (Llama) tokenizers start the completion with
 a word boundary, as if a space preceded it.
 
-Truncation, per example, to at most `max_length` prompt + completion tokens:
-1. a completion longer than `max_length - 1` is cut from the RIGHT to `max_length - 1` (losing its EOS)
-   and flagged `completion_truncated`: at least one prompt token must remain to predict its first token;
-2. the prompt is cut from the LEFT to `min(max_prompt_length, max_length - completion length)` (for a pair,
-   the longer completion) and flagged `prompt_truncated`; a leading BOS token is kept when at least two
-   prompt tokens fit (with one, the last prompt token is kept).
+Truncation, per example, to at most `max_length` prompt + completion tokens, keeping the prompt (TRL's
+order): the model must see what it answers.
+1. the prompt is cut from the LEFT to `min(max_prompt_length, max_length - 1)` tokens and flagged
+   `prompt_truncated`; a leading BOS token is kept when at least two prompt tokens fit;
+2. each completion is cut from the RIGHT to the room left, `max_length - prompt length` (losing its EOS),
+   and flagged `completion_truncated` (`chosen_truncated` / `rejected_truncated` for a pair).
 
 Collation: prompts LEFT padded, completions RIGHT padded, masks 1 on real tokens, ready for
 `polyalign.logprobs.completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)`.
@@ -137,9 +137,9 @@ def _left_truncate(ids: list[int], length: int, bos_id: int | None) -> list[int]
 def _fit(prompt_ids, completions, max_length, max_prompt_length, bos_id) -> tuple[list[int], list[list[int]]]:
     """Apply the truncation policy of the module docstring to a prompt and its completion(s)."""
     _check_lengths(max_length, max_prompt_length)
-    completions = [ids[: max_length - 1] for ids in completions]
-    budget = min(max_prompt_length, max_length - max(len(ids) for ids in completions))
-    return _left_truncate(prompt_ids, budget, bos_id), completions
+    prompt_ids = _left_truncate(prompt_ids, min(max_prompt_length, max_length - 1), bos_id)
+    room = max_length - len(prompt_ids)
+    return prompt_ids, [ids[:room] for ids in completions]
 
 
 def tokenize_pair(
@@ -173,7 +173,7 @@ def tokenize_preference(
     add_eos: bool = True,
     use_chat_template: bool | None = None,
 ) -> TokenizedPair:
-    """A preference pair as token ids; the prompt is truncated to fit the longer completion."""
+    """A preference pair as token ids, truncated by the module's policy (the prompt first)."""
     prompt_ids = tokenize_prompt(tokenizer, pair.prompt, use_chat_template)
     chosen_ids = tokenize_completion(tokenizer, pair.chosen, add_eos)
     rejected_ids = tokenize_completion(tokenizer, pair.rejected, add_eos)
