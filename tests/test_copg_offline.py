@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from polyalign.recipes import copg_offline as co
 
 from polyalign.data.preference import load_preferences, load_scored
 from polyalign.data.prompts import load_prompts
+from polyalign.recipes import copg_offline as co
 from polyalign.rollout.hf import HFEngine
 
 torch.set_num_threads(1)
