@@ -1,6 +1,7 @@
-"""Model -> tensors: per-token log-probs, entropies and values of completions given prompts.
+"""Model -> tensors: per-token log-probs, entropies and values of completions given prompts, and the
+concatenated chosen + rejected forward of a preference pair batch (log-probs, or a reward model's scores).
 
-The only place that runs a model forward for training (policy, reference and value model). It knows
+The only place that runs a model forward for training (policy, reference, value and reward model). It knows
 token ids and masks, not losses, rewards or text.
 
 Layout handled here: prompts padded on the LEFT or the RIGHT (any 0/1 mask), completions padded on the
@@ -20,6 +21,8 @@ import functools
 
 import torch
 from torch import nn
+
+from polyalign.data.chat import PreferenceBatch
 
 # Sequences' worth of completion tokens sent through the output head at once (HEAD_CHUNK_ROWS * T tokens);
 # bounds the logits held in memory.
@@ -278,6 +281,66 @@ def value_forward(
     if values.shape[-1] != 1:
         raise ValueError(f"value model head must output 1 number per token, got {values.shape[-1]}")
     return values.squeeze(-1).float().masked_fill(~completion_mask.bool(), 0.0)
+
+
+# ---------------------------------------------------------------- preference pairs: one forward of 2B rows
+
+
+def _pair_rows(b: PreferenceBatch) -> tuple[torch.Tensor, ...]:
+    """[chosen; rejected] as 2B rows with the prompt repeated: prompt_ids, prompt_mask, ids, mask."""
+    return (
+        torch.cat([b.prompt_ids, b.prompt_ids]),
+        torch.cat([b.prompt_mask, b.prompt_mask]),
+        torch.cat([b.chosen_ids, b.rejected_ids]),
+        torch.cat([b.chosen_mask, b.rejected_mask]),
+    )
+
+
+def pair_logprobs(model: nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of chosen and rejected, each (B, T) (0 on padding), from ONE forward of 2B rows."""
+    logprobs = completion_logprobs(model, *_pair_rows(batch))  # (2B, T)
+    return logprobs[: len(batch.language)], logprobs[len(batch.language) :]
+
+
+@torch.no_grad()
+def reference_sequence_logprobs(ref: nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_ref(chosen), log pi_ref(rejected), each (B,), in eval mode and without gradients."""
+    was_training = ref.training
+    ref.eval()
+    chosen, rejected = pair_logprobs(ref, batch)
+    ref.train(was_training)
+    return chosen.sum(-1), rejected.sum(-1)
+
+
+def join_right_padded(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt + completion as one RIGHT-padded sequence (B, Tp + T), padding filled with `pad_id`."""
+    full_ids, full_mask = torch.cat([prompt_ids, ids], 1), torch.cat([prompt_mask, mask], 1).long()
+    order = torch.argsort(1 - full_mask, dim=1, stable=True)  # real tokens first, in order
+    full_ids, full_mask = full_ids.gather(1, order), full_mask.gather(1, order)
+    return full_ids.masked_fill(full_mask == 0, pad_id), full_mask
+
+
+@routed
+def _classifier_scores(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B,) float scores of a num_labels=1 sequence classifier (it reads the last non-pad token)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, 1)
+    if logits.shape != (input_ids.shape[0], 1):
+        raise ValueError(f"reward model must output logits of shape (B, 1), got {tuple(logits.shape)}")
+    return logits[:, 0].float()
+
+
+def pair_scores(model: nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward-model scores (B,) of prompt + chosen and prompt + rejected, from one forward of 2B rows. The
+    classifier reads the last real token (EOS when the completion was not truncated)."""
+    pad_id = inner_model(model).config.pad_token_id
+    if pad_id is None:
+        raise ValueError("reward model config has no pad_token_id: set it to the tokenizer's pad token id")
+    scores = _classifier_scores(model, *join_right_padded(*_pair_rows(batch), pad_id))  # (2B,)
+    return scores[: len(batch.language)], scores[len(batch.language) :]
 
 
 def truncate_at_eos(

@@ -23,7 +23,7 @@ from polyalign.train.checkpoint import (
     mark_best,
     save_checkpoint,
 )
-from polyalign.train.loop import build_optimizer, step_optimizer
+from polyalign.train.optim import build_optimizer, step_optimizer
 
 STORIES = Path(__file__).resolve().parents[1] / "polyalign" / "assets" / "stories260K"
 

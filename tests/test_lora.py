@@ -19,7 +19,7 @@ from transformers import (
 
 from polyalign.config import LoraConfig
 from polyalign.data.chat import PreferenceBatch
-from polyalign.logprobs import completion_logprobs, value_forward
+from polyalign.logprobs import completion_logprobs, reference_sequence_logprobs, value_forward
 from polyalign.lora import (
     apply_lora,
     export_lora,
@@ -31,7 +31,6 @@ from polyalign.lora import (
 from polyalign.models import resolve_model_path
 from polyalign.rewards.model import sequence_scores
 from polyalign.rollout.hf import HFEngine
-from polyalign.train.offline_batches import reference_sequence_logprobs
 from polyalign.types import Sampling
 
 PATH = resolve_model_path("stories260K")

@@ -15,6 +15,7 @@ import torch
 
 from polyalign.losses import (
     BaselineState,
+    best_of_group,
     bradley_terry_loss,
     copg_loss,
     dpo_loss,
@@ -30,6 +31,8 @@ from polyalign.losses import (
     rloo_advantages,
     sequence_kl,
     sft_loss,
+    token_rewards,
+    truncated_importance_weights,
     value_loss,
     whiten,
 )
@@ -174,6 +177,33 @@ def test_gae_hand_values():
 
 LOGP = T([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
 MASK = T([[1, 1, 1], [1, 1, 0]])
+
+
+def test_token_rewards_hand_values():
+    """beta 0.5; row 0: kl (0.2, 0.4, pad), score 1 -> (-0.1, -0.2 + 1, 0); row 1: kl (1, pad, pad),
+    score -2 -> (-0.5 - 2, 0, 0). Each row sums to score - beta * sum kl."""
+    kl = T([[0.2, 0.4, 9.0], [1.0, 7.0, 7.0]])
+    mask = T([[1, 1, 0], [1, 0, 0]])
+    rewards = token_rewards(T([1.0, -2.0]), kl, mask, beta=0.5)
+    close(rewards, T([[-0.1, 0.8, 0.0], [-2.5, 0.0, 0.0]]))
+
+
+def test_best_of_group_hand_values():
+    """P=2, G=3: group 0 rewards (0.1, 0.9, 0.3) -> row 1; group 1 (2, 2, -1) -> first max, row 3 + 0 = 3."""
+    assert best_of_group(T([[0.1, 0.9, 0.3], [2.0, 2.0, -1.0]])).tolist() == [1, 3]
+    with pytest.raises(ValueError, match="P, G"):
+        best_of_group(T([1.0, 2.0]))
+
+
+def test_truncated_importance_weights_hand_values():
+    """Row 0: log-ratio (0.1 + 0.2) = 0.3 -> w = e^0.3 = 1.3499 (under the cap 2); row 1: log-ratio 1.0
+    on its one real token (padding ignored) -> e^1 = 2.718 capped to 2."""
+    logprobs = T([[-1.0, -2.0], [-0.5, 5.0]])
+    sampler = T([[-1.1, -2.2], [-1.5, 0.0]])
+    weights, stats = truncated_importance_weights(logprobs, sampler, T([[1, 1], [1, 0]]), cap=2.0)
+    close(weights, T([math.exp(0.3), 2.0]))
+    close(stats["importance_weight_mean"], (math.exp(0.3) + 2.0) / 2)
+    close(stats["importance_weight_capped"], 0.5)
 
 
 def test_reinforce_sequence_sum_and_token_mean_hand_values():

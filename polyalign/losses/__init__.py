@@ -3,20 +3,28 @@
 This package imports only torch and the standard library (no transformers, no config objects), so it can
 be read, tested and reused on its own. `from polyalign.losses import X` works for every name below.
 
-Files: masks.py (masked reductions, token aggregation), kl.py (KL estimators, KL-shaped rewards),
-advantages.py (RLOO, moving-average baseline, GAE), policy.py (REINFORCE, PPO, value, SFT),
-preference.py (DPO, IPO, CoPG, Bradley-Terry). Formulas and paper references are in each docstring.
+Files: masks.py (masked reductions, token aggregation), kl.py (KL estimators, KL-shaped sequence rewards
+and PPO's per-token rewards), advantages.py (RLOO, moving-average baseline, GAE, RAFT's best of k),
+policy.py (REINFORCE, PPO, value, SFT, truncated importance weights), preference.py (DPO, IPO, CoPG,
+Bradley-Terry). Formulas and paper references are in each docstring.
 """
 
 from polyalign.losses.advantages import (
     BaselineState,
+    best_of_group,
     gae_advantages,
     moving_average_baseline,
     rloo_advantages,
 )
-from polyalign.losses.kl import KL_KINDS, kl_estimate, kl_shaped_rewards, sequence_kl
+from polyalign.losses.kl import KL_KINDS, kl_estimate, kl_shaped_rewards, sequence_kl, token_rewards
 from polyalign.losses.masks import AGGREGATES, aggregate_tokens, masked_mean, masked_sum, whiten
-from polyalign.losses.policy import ppo_clip_loss, reinforce_loss, sft_loss, value_loss
+from polyalign.losses.policy import (
+    ppo_clip_loss,
+    reinforce_loss,
+    sft_loss,
+    truncated_importance_weights,
+    value_loss,
+)
 from polyalign.losses.preference import bradley_terry_loss, copg_group_loss, copg_loss, dpo_loss, ipo_loss
 
 __all__ = [
@@ -24,6 +32,7 @@ __all__ = [
     "KL_KINDS",
     "BaselineState",
     "aggregate_tokens",
+    "best_of_group",
     "bradley_terry_loss",
     "copg_group_loss",
     "copg_loss",
@@ -40,6 +49,8 @@ __all__ = [
     "rloo_advantages",
     "sequence_kl",
     "sft_loss",
+    "token_rewards",
+    "truncated_importance_weights",
     "value_loss",
     "whiten",
 ]

@@ -1,4 +1,4 @@
-"""Advantage estimators: RLOO (leave-one-out), a moving-average baseline, and token-level GAE.
+"""Advantage estimators: RLOO (leave-one-out), a moving-average baseline, token-level GAE, and RAFT's best of k.
 
 Pure torch. Sequence-level estimators take one reward per completion (shaped with `kl_shaped_rewards`
 first when a KL penalty is wanted); GAE takes one reward per token. Vanilla policy gradient needs no
@@ -78,6 +78,21 @@ def moving_average_baseline(
     else:
         new_mean = momentum * old_mean + (1.0 - momentum) * rewards.mean()
     return advantages, BaselineState(mean=new_mean, count=state.count + n)
+
+
+def best_of_group(rewards: torch.Tensor) -> torch.Tensor:
+    """RAFT's selection: the row index of the highest-reward completion of each group.
+
+    Formula (Dong et al. 2023, arXiv:2304.06767, Alg. 1): for prompt p with rewards R_{p,1..G},
+        best_p = p * G + argmax_g R_{p,g}     (ties: the first)
+    RAFT then trains with `sft_loss` on these rows only.
+
+    Shapes: rewards (P, G), group-major. Returns (P,) long indices into the flattened (P * G,) rows.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (P, G), got shape {tuple(rewards.shape)}; use rewards.view(P, G)")
+    num_prompts, group_size = rewards.shape
+    return rewards.argmax(-1) + torch.arange(num_prompts, device=rewards.device) * group_size
 
 
 def gae_advantages(

@@ -88,3 +88,21 @@ def kl_shaped_rewards(
         # At least float32, so bf16 log-probs do not round the rewards.
         dtype = torch.promote_types(torch.promote_types(scores.dtype, kl.dtype), torch.float32)
         return (scores.to(dtype) - beta * kl.to(dtype)).detach()
+
+
+def token_rewards(
+    scores: torch.Tensor, kl_per_token: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """PPO's per-token reward: the KL penalty on every completion token, the score on the last one.
+
+    Formula (Back to Basics, arXiv:2402.14740, Sec. 2.1; Ziegler et al. 2019):
+        r_t = -beta * kl_t  (t < T_b),     r_{T_b} = -beta * kl_{T_b} + score_b,    0 on padding
+    so that sum_t r_t = score - beta * KL_seq, the sequence reward of `kl_shaped_rewards` (kind "k1", "sum").
+
+    Shapes: scores (B,), kl_per_token (B, T) (e.g. `kl_estimate`), mask (B, T) right padded. Returns (B, T).
+    A row with no real token gets its score at t = 0.
+    """
+    check_same_shape(kl_per_token=kl_per_token, mask=mask)
+    rewards = -beta * kl_per_token * mask
+    last = (mask.sum(-1) - 1).clamp(min=0)  # (B,) index of each row's last completion token
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))

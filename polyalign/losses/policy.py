@@ -1,4 +1,4 @@
-"""Policy-gradient losses over sampled completions: REINFORCE/RLOO, PPO clip, the PPO value loss, and SFT.
+"""Policy-gradient losses over sampled completions: REINFORCE/RLOO, PPO clip, the PPO value loss, SFT and TIS.
 
 Pure torch. Inputs are per-token log-probs (B, T) of the completion tokens from `logprobs.py` and a
 completion mask (B, T); padding is selected away before any arithmetic, so whatever sits there changes
@@ -80,6 +80,29 @@ def reinforce_loss(
     stats["ratio_mean"] = ratio.detach().mean()
     stats["ratio_max"] = ratio.detach().max()
     return -objective.mean(), stats
+
+
+@torch.no_grad()
+def truncated_importance_weights(
+    logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sequence-level truncated importance sampling (TIS) weights between the trainer and the sampler.
+
+    Formula (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"):
+        w_b = min(exp(sum_t logprobs_bt - sampler_logprobs_bt), cap),     A_b <- w_b * A_b
+    The reweighted gradient is that of samples from the trainer's own policy when the sampler's numerics
+    differ (vLLM, bf16); the cap bounds the variance.
+
+    Shapes: logprobs, sampler_logprobs, mask (B, T). Returns (weights (B,) float32, no gradient; stats:
+    importance_weight_mean, importance_weight_capped = fraction of rows whose weight hit the cap).
+    """
+    check_same_shape(logprobs=logprobs, sampler_logprobs=sampler_logprobs, mask=mask)
+    ratio = ((logprobs.float() - sampler_logprobs.float()) * mask).sum(-1).exp()  # (B,)
+    weights = ratio.clamp(max=cap)
+    return weights, {
+        "importance_weight_mean": weights.mean(),
+        "importance_weight_capped": (ratio > cap).float().mean(),
+    }
 
 
 def ppo_clip_loss(

@@ -11,8 +11,8 @@ import torch
 
 from polyalign import losses
 from polyalign.logprobs import sequence_logprobs
-from polyalign.train.loop import step_optimizer
 from polyalign.train.online import generate_phase
+from polyalign.train.optim import step_optimizer
 from polyalign.train.run import Run
 
 

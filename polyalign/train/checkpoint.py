@@ -37,7 +37,12 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from polyalign.files import atomic_write_text, fsync_dir, fsync_file, remove_dir, to_json
-from polyalign.train.distributed import is_sharded
+from polyalign.train.distributed import World, broadcast_object, is_sharded
+from polyalign.train.distributed_checkpoint import (
+    load_full_model_state,
+    load_full_optimizer_state,
+    load_sharded,
+)
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -271,8 +276,6 @@ def load_checkpoint(
     ckpt = _resolve(run_dir_or_ckpt)
     state = json.loads((ckpt / "state.json").read_text())
     if (ckpt / "sharded").is_dir():
-        from polyalign.train.distributed_checkpoint import load_sharded
-
         load_sharded(ckpt / "sharded", models, optimizer)
         models, optimizer = {}, None
     for name, model in models.items():
@@ -282,8 +285,6 @@ def load_checkpoint(
                 f"load_checkpoint: {ckpt} has no model {name!r}; it has {state['models']}"
             )
         if is_sharded(model):
-            from polyalign.train.distributed_checkpoint import load_full_model_state
-
             load_full_model_state(model, load_file(str(weights)))
         else:
             load_model(model, str(weights), strict=True)
@@ -292,8 +293,6 @@ def load_checkpoint(
             raise FileNotFoundError(f"load_checkpoint: {ckpt} was saved without an optimizer")
         saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
         if any(is_sharded(m) for m in models.values()):
-            from polyalign.train.distributed_checkpoint import load_full_optimizer_state
-
             load_full_optimizer_state(models, optimizer, saved)
         else:
             optimizer.load_state_dict(saved)
@@ -301,24 +300,6 @@ def load_checkpoint(
         _restore_rng(torch.load(ckpt / "rng.pt", weights_only=True))
     state["path"] = str(ckpt)
     return state
-
-
-def resume_run(run) -> bool:
-    """Continue a run object (online or offline) from its latest checkpoint, in place.
-
-    The run must have run_dir, models(), optimizer, logger and console(); its state and start_step are set
-    from the checkpoint and metric lines past that step are dropped. False when there is nothing to resume.
-    """
-    ckpt = latest_checkpoint(run.run_dir)
-    if ckpt is None:
-        run.console(f"--resume: no checkpoint in {run.run_dir}; starting from step 0")
-        return False
-    state = load_checkpoint(ckpt, run.models(), run.optimizer)
-    run.state = dict(state.get("trainer_state", {}))
-    run.start_step = int(state["step"])
-    run.logger.truncate_after(run.start_step)
-    run.console(f"resumed from {ckpt} at step {run.start_step}")
-    return True
 
 
 def claim_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path:
@@ -330,3 +311,18 @@ def claim_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def claim_on_main(run_dir: str, resume: bool, world: World, config_yaml: str) -> Path:
+    """Rank 0 claims the run directory (see `claim_run_dir`) and writes config.yaml; the others wait and
+    raise the same error when it refuses."""
+    error = None
+    if world.is_main:
+        try:
+            atomic_write_text(claim_run_dir(run_dir, resume) / "config.yaml", config_yaml)
+        except FileExistsError as e:
+            error = str(e)
+    error = broadcast_object(error, world)
+    if error:
+        raise FileExistsError(error)
+    return Path(run_dir)

@@ -28,7 +28,6 @@ import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -140,24 +139,6 @@ def broadcast_object(obj, world: World):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def claim_on_main(run_dir: str, resume: bool, world: World, config_yaml: str) -> Path:
-    """Rank 0 claims the run directory (see `claim_run_dir`) and writes config.yaml; the others wait and
-    raise the same error when it refuses."""
-    from polyalign.files import atomic_write_text
-    from polyalign.train.checkpoint import claim_run_dir
-
-    error = None
-    if world.is_main:
-        try:
-            atomic_write_text(claim_run_dir(run_dir, resume) / "config.yaml", config_yaml)
-        except FileExistsError as e:
-            error = str(e)
-    error = broadcast_object(error, world)
-    if error:
-        raise FileExistsError(error)
-    return Path(run_dir)
 
 
 # ---------------------------------------------------------------- wrapping models

@@ -2,8 +2,8 @@
 
 FSDP's shards are gathered first (full weights on rank 0's CPU; the AdamW state converted to
 `optimizer.state_dict()`'s index-keyed layout), so any process count resumes any checkpoint: loading
-(`checkpoint.load_checkpoint`) scatters full weights and state back into shards. With LoRA, the adapter and/or
-merged exports are written next to each checkpoint (from the gathered state under FSDP).
+(`checkpoint.load_checkpoint`) scatters full weights and state back into shards. Knows nothing about files
+beyond torch.distributed.checkpoint's directories, nor about runs.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polyalign.train.distributed import World, barrier, is_sharded
+from polyalign.train.distributed import World, is_sharded
 
 
-def _tied_names(model: nn.Module) -> dict[str, str]:
+def tied_names(model: nn.Module) -> dict[str, str]:
     """name -> kept name for parameters registered under several names (tied embeddings). The kept name is
     the alphabetically first one, the one `safetensors.torch.save_model` writes."""
     by_id: dict[int, list[str]] = {}
@@ -32,7 +32,7 @@ def full_model_state(model: nn.Module, world: World) -> dict[str, torch.Tensor] 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not world.is_main:
         return None
-    tied = _tied_names(model)
+    tied = tied_names(model)
     return {k: v.contiguous() for k, v in state.items() if k not in tied}
 
 
@@ -41,7 +41,7 @@ def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     state = dict(state)
-    for name, kept in _tied_names(model).items():
+    for name, kept in tied_names(model).items():
         state[name] = state[kept]
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
@@ -130,82 +130,3 @@ def load_sharded(directory: Path, models: dict[str, nn.Module], optimizer) -> No
     set_model_state_dict(box, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(box, optimizer, state["optim"])
-
-
-def _save_sharded_run_checkpoint(run, step: int) -> Path | None:
-    """Every process writes its shards into a staging directory; rank 0 then completes the checkpoint."""
-    import shutil
-
-    from polyalign.train.checkpoint import CHECKPOINTS, checkpoint_name, save_checkpoint
-
-    root = Path(run.run_dir) / CHECKPOINTS
-    staging = root / f".dcp-{checkpoint_name(step)}"
-    if run.world.is_main:
-        for leftover in root.glob(".dcp-*"):  # a crash's partial shards
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging.mkdir(parents=True)
-    barrier(run.world)
-    save_sharded(run.models(), run.optimizer, staging)
-    barrier(run.world)
-    if not run.world.is_main:
-        return None
-    names = dict.fromkeys(run.models())
-    keep = run.cfg.output.keep_last
-    return save_checkpoint(run.run_dir, step, names, None, None, run.state, keep_last=keep, sharded=staging)
-
-
-def save_run_checkpoint(run, step: int, is_best: bool) -> None:
-    """Rank 0 writes the checkpoint (FSDP gathers the full state first, on every rank), or with
-    `output.checkpoint_format: sharded` every process writes its shards; with LoRA the adapter and/or merged
-    exports go next to it. Online and offline runs."""
-    from polyalign.train.checkpoint import mark_best, save_checkpoint
-
-    if run.cfg.output.checkpoint_format == "sharded":
-        path = _save_sharded_run_checkpoint(run, step)
-        if run.cfg.model.lora is not None:
-            model = next(iter(run.models().values()))
-            full = full_model_state(model, run.world) if is_sharded(model) else model
-            if run.world.is_main:
-                export_lora_from(run, full, path)
-        if run.world.is_main and is_best:
-            mark_best(run.run_dir, step)
-        barrier(run.world)
-        return
-    models, optimizer = checkpoint_payload(run.models(), run.optimizer, run.world)
-    if run.world.is_main:
-        keep = run.cfg.output.keep_last
-        path = save_checkpoint(run.run_dir, step, models, optimizer, None, run.state, keep_last=keep)
-        if run.cfg.model.lora is not None:
-            export_lora_from(run, next(iter(models.values())), path)
-        if is_best:
-            mark_best(run.run_dir, step)
-    barrier(run.world)
-
-
-def export_lora_from(run, saved: nn.Module | dict, directory: Path) -> None:
-    """Export the LoRA policy as `model.lora.save` says (rank 0). `saved` is the live model, or (FSDP) its
-    full state gathered from the shards, loaded into an unsharded copy first."""
-    from polyalign.lora import export_lora
-
-    model = next(iter(run.models().values()))
-    source = saved if isinstance(saved, nn.Module) else _unsharded_peft_copy(model, saved)
-    export_lora(source, directory, run.cfg.model.lora.save, run.tokenizer)
-
-
-def _unsharded_peft_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A PEFT model like `model` holding the full tensors of `state` (built on the meta device, then assigned:
-    no other copy of the weights)."""
-    import copy
-
-    from peft import get_peft_model
-
-    base = model.get_base_model()
-    with torch.device("meta"):
-        twin = get_peft_model(
-            type(base)(copy.deepcopy(base.config)), copy.deepcopy(model.peft_config["default"])
-        )
-    state = dict(state)
-    for name, kept in _tied_names(model).items():
-        state[name] = state[kept]
-    twin.load_state_dict(state, strict=True, assign=True)
-    return twin

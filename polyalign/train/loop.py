@@ -1,236 +1,243 @@
-"""Training-loop plumbing shared by every trainer, as plain functions.
+"""The one trainer skeleton: start, loop, evaluate, checkpoint, resume, finish. Online and offline plug in.
 
-Owns: optimizer construction, the learning-rate schedule (a pure function of the step), the guarded optimizer
-step (clip, NaN/Inf skip, zero grads), micro-batch slicing with gradient-accumulation scaling, seeding and
-autocast. It knows nothing about losses, models' architectures, rollouts or configs: trainers pass plain
-numbers and tensors in.
+A trainer is a run holder plus a `Trainer` record of four functions: its step, its evaluation, its rule for
+"this evaluation is the best so far" and its closing summary. The holder (`train/run.py`: `Run`,
+`train/offline_run.py`: `OfflineRun`) has these fields: cfg, run_dir, world, optimizer, logger, progress,
+state (JSON-friendly, saved in checkpoints), start_step, total_steps, has_eval, and the methods models()
+(name -> unwrapped module, what checkpoints hold) and console(message).
 
-Step convention: `step` counts optimizer steps already taken, so the first update uses `lr_at(0, ...)`.
+    start (world, seed, run directory) -> [resume] -> evaluate at step 0
+      -> for each step: set lr -> trainer step -> log -> progress -> evaluate / checkpoint when due
+      -> finish (close logs, summary.json)
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import random
-from collections.abc import Iterable, Sequence
+import copy
+import json
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-
-
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm weights and other vectors/scalars are not weight-decayed (nanoGPT's rule: ndim < 2)."""
-    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
-
-
-def _param_groups(params: list, weight_decay: float) -> list[dict]:
-    named = bool(params) and isinstance(params[0], tuple)
-    if not named:
-        trainable = [p for p in params if p.requires_grad]
-        return [{"params": trainable, "weight_decay": weight_decay}]
-    decay = [p for n, p in params if p.requires_grad and not _no_decay(n, p)]
-    no_decay = [p for n, p in params if p.requires_grad and _no_decay(n, p)]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(
-    params: Iterable[nn.Parameter] | Iterable[tuple[str, nn.Parameter]],
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    name: str = "adamw",
-    momentum: float = 0.0,
-) -> torch.optim.Optimizer:
-    """Build an optimizer over the trainable parameters.
-
-    Args:
-        params: `model.parameters()` (every parameter gets `weight_decay`) or `model.named_parameters()`
-            (biases, norm weights and other 0-/1-d tensors get no weight decay).
-        name: "adamw", "adam" (L2 penalty coupled into the gradient, torch semantics) or "sgd".
-        momentum: SGD momentum; ignored by Adam/AdamW (they use `betas`).
-    """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"build_optimizer: unknown optimizer name {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    if lr < 0 or weight_decay < 0:
-        raise ValueError(f"build_optimizer: lr ({lr}) and weight_decay ({weight_decay}) must be >= 0")
-    groups = _param_groups(list(params), weight_decay)
-    if not groups or not any(g["params"] for g in groups):
-        raise ValueError(
-            "build_optimizer: no trainable parameters (all have requires_grad=False or none given)"
-        )
-    # The fused kernels (CPU and CUDA, floating-point tensors) are ~4x faster than the per-tensor loop.
-    tensors = [p for g in groups for p in g["params"]]
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-
-
-def lr_at(
-    step: int,
-    base_lr: float,
-    warmup_steps: int = 0,
-    total_steps: int | None = None,
-    schedule: str = "constant",
-    min_lr_ratio: float = 0.0,
-) -> float:
-    """Learning rate for optimizer step `step` (0-based). Pure function.
-
-    Warmup: `base_lr * (step + 1) / warmup_steps` for `step < warmup_steps` (so the first step is not wasted
-    at lr 0 and step `warmup_steps - 1` reaches `base_lr`). After warmup, with
-    `progress = (step - warmup_steps) / (total_steps - warmup_steps)` clipped to [0, 1] and
-    `floor = min_lr_ratio * base_lr`:
-    - constant: `base_lr`
-    - linear:   `floor + (base_lr - floor) * (1 - progress)`
-    - cosine:   `floor + (base_lr - floor) * (1 + cos(pi * progress)) / 2`
-    The decay reaches `floor` at `step == total_steps` (the Hugging Face convention) and stays there.
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"lr_at: unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if step < 0 or warmup_steps < 0:
-        raise ValueError(f"lr_at: step ({step}) and warmup_steps ({warmup_steps}) must be >= 0")
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"lr_at: min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-    if schedule != "constant":
-        if total_steps is None:
-            raise ValueError(f"lr_at: schedule {schedule!r} needs total_steps")
-        if total_steps <= warmup_steps:
-            raise ValueError(f"lr_at: total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return base_lr
-    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    floor = min_lr_ratio * base_lr
-    if schedule == "linear":
-        return floor + (base_lr - floor) * (1.0 - progress)
-    return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+from polyalign.config import dump_yaml
+from polyalign.files import atomic_write_text
+from polyalign.train import distributed
+from polyalign.train.checkpoint import (
+    CHECKPOINTS,
+    checkpoint_name,
+    claim_on_main,
+    latest_checkpoint,
+    load_checkpoint,
+    mark_best,
+    save_checkpoint,
+)
+from polyalign.train.distributed import World, is_sharded
+from polyalign.train.distributed_checkpoint import (
+    checkpoint_payload,
+    full_model_state,
+    save_sharded,
+    tied_names,
+)
+from polyalign.train.logging import MetricsLogger, NullLogger, Progress, print0
+from polyalign.train.optim import build_optimizer, lr_at, seed_everything, set_lr, step_optimizer
 
 
 @dataclass(frozen=True)
-class StepResult:
-    """What `step_optimizer` did."""
+class Trainer:
+    """What a trainer plugs into the skeleton: plain functions of its run holder."""
 
-    grad_norm: float  # total L2 norm of the gradients before clipping (may be nan/inf when skipped)
-    skipped: bool  # True when the update was not applied
-    reason: str = ""  # "" when applied; "nonfinite_loss" or "nonfinite_grad_norm" when skipped
+    step: Callable[[Any, int], dict[str, float]]  # (run, step) -> metrics of one optimizer step
+    evaluate: Callable[[Any, int], dict[str, float]]  # (run, step) -> held-out metrics (logged)
+    is_better: Callable[[dict, dict | None], bool]  # (result, best so far or None) -> is it the new best
+    summary: Callable[[Any], dict]  # (run) -> its part of the summary; every process (exports are collective)
 
 
-def _all_finite(values: torch.Tensor | float | Sequence[torch.Tensor | float]) -> bool:
-    if isinstance(values, (torch.Tensor, float, int)):
-        values = [values]
-    for v in values:
-        t = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-        if not bool(torch.isfinite(t).all()):
-            return False
+# ---------------------------------------------------------------- start
+
+
+def start(cfg, resume: bool, check: Callable[[Any, World], None] | None = None) -> tuple[World, Any, Path]:
+    """Threads, the process group, seeds and the run directory (rank 0 writes config.yaml there).
+
+    Returns (world, cfg with this process's device, run_dir). `check(cfg, world)` runs before anything is
+    written, so that a configuration that cannot split over the processes fails first."""
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    world, cfg = distributed.join(cfg)
+    if check is not None:
+        check(cfg, world)
+    seed_everything(cfg.train.seed)
+    return world, cfg, claim_on_main(cfg.output.run_dir, resume, world, dump_yaml(cfg))
+
+
+def plumbing(cfg, world: World, run_dir: Path, params, total_steps: int, keys: tuple[str, ...]):
+    """(optimizer, metrics logger (rank 0; a NullLogger elsewhere), progress bar) of a run."""
+    optimizer = build_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    show = cfg.output.progress
+    progress = Progress(total_steps, keys, enabled=show and world.is_main, print_every=10 if show else 0)
+    return optimizer, (MetricsLogger(run_dir) if world.is_main else NullLogger()), progress
+
+
+def resume(run) -> bool:
+    """Continue `run` from its latest checkpoint, in place: weights, optimizer, RNG, state and start_step;
+    metric lines past that step are dropped. False when there is nothing to resume."""
+    ckpt = latest_checkpoint(run.run_dir)
+    if ckpt is None:
+        run.console(f"--resume: no checkpoint in {run.run_dir}; starting from step 0")
+        return False
+    state = load_checkpoint(ckpt, run.models(), run.optimizer)
+    run.state = dict(state.get("trainer_state", {}))
+    run.start_step = int(state["step"])
+    run.logger.truncate_after(run.start_step)
+    run.console(f"resumed from {ckpt} at step {run.start_step}")
     return True
 
 
-def _zero_grads(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    for p in params:
-        p.grad = None
+# ---------------------------------------------------------------- the loop
 
 
-def step_optimizer(
-    model_params: Iterable[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    max_grad_norm: float | None = 1.0,
-    loss: torch.Tensor | float | Sequence[torch.Tensor | float] | None = None,
-) -> StepResult:
-    """Clip gradients, step, zero gradients; skip the update on NaN/Inf instead of training on it.
-
-    Args:
-        model_params: the parameters whose gradients are clipped (usually the optimizer's parameters).
-        max_grad_norm: clip the total L2 norm to this; None or <= 0 measures the norm without clipping.
-        loss: optional loss value(s) of this step; any NaN/Inf entry also skips the update.
-
-    Returns:
-        StepResult; when skipped, gradients are zeroed and neither parameters nor optimizer state change.
-    """
-    params = list(model_params)
-    if not any(p.grad is not None for p in params):
-        raise ValueError("step_optimizer: no parameter has a .grad; call loss.backward() before stepping")
-    if loss is not None and not _all_finite(loss):
-        _zero_grads(params, optimizer)
-        return StepResult(grad_norm=float("nan"), skipped=True, reason="nonfinite_loss")
-    clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=False)
-    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-    if not math.isfinite(grad_norm):
-        _zero_grads(params, optimizer)
-        return StepResult(grad_norm=grad_norm, skipped=True, reason="nonfinite_grad_norm")
-    optimizer.step()
-    _zero_grads(params, optimizer)
-    return StepResult(grad_norm=grad_norm, skipped=False)
+def train_loop(run, trainer: Trainer) -> None:
+    """Steps from where the run stands (0, or the resumed step) to run.total_steps, checkpointing on the way."""
+    t = run.cfg.train
+    if run.start_step == 0 and run.has_eval:
+        run.state["eval_start"] = trainer.evaluate(run, 0)
+    for step in range(run.start_step, run.total_steps):
+        set_lr(run.optimizer, lr_at(step, t.lr, t.warmup_steps, run.total_steps, t.schedule))
+        metrics = trainer.step(run, step)
+        run.logger.log(step + 1, metrics)
+        run.progress.update(step + 1, metrics)
+        run.state["step"] = step + 1
+        maybe_checkpoint(run, step + 1, trainer)
 
 
-def micro_batches(n_rows: int, micro_batch_size: int) -> list[slice]:
-    """Consecutive row slices of at most `micro_batch_size` rows covering `range(n_rows)`."""
-    if n_rows <= 0 or micro_batch_size <= 0:
-        raise ValueError(
-            f"micro_batches: n_rows ({n_rows}) and micro_batch_size ({micro_batch_size}) must be > 0"
+def maybe_checkpoint(run, step: int, trainer: Trainer) -> None:
+    """Evaluate every eval.every steps and at the end; save every checkpoint_every steps, at the end, and
+    whenever the evaluation is the best so far (that checkpoint is marked best)."""
+    every, last, is_best = run.cfg.eval.every, step == run.total_steps, False
+    if run.has_eval and ((every and step % every == 0) or last):
+        result = trainer.evaluate(run, step)
+        if last:
+            run.state["eval_final"] = {**result, "step": step}
+        if trainer.is_better(result, run.state.get("best_eval")):
+            run.state["best_eval"], is_best = {**result, "step": step}, True
+    save_every = run.cfg.output.checkpoint_every
+    if (save_every and step % save_every == 0) or last or is_best:
+        save_run_checkpoint(run, step, is_best)
+
+
+def accumulate(into: dict[str, float], values: dict, weight: float) -> None:
+    """into[k] += weight * values[k] (tensors detached): micro-batch statistics averaged into a step's."""
+    for k, v in values.items():
+        into[k] = into.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * weight
+
+
+def optimizer_step(run, params, stats: dict[str, float], steps: int = 1) -> None:
+    """The guarded optimizer step on `params`; adds grad_norm / steps (the mean over a batch's `steps`
+    updates) and the skip count to `stats`."""
+    result = step_optimizer(params, run.optimizer, run.cfg.train.max_grad_norm)
+    stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(result.grad_norm) / steps
+    stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + float(result.skipped)
+    if result.skipped:
+        run.console(f"step skipped: {result.reason}")
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def save_run_checkpoint(run, step: int, is_best: bool) -> None:
+    """Rank 0 writes the checkpoint (FSDP gathers the full state first, on every rank), or with
+    `output.checkpoint_format: sharded` every process writes its shards; with LoRA the adapter and/or merged
+    exports go next to it."""
+    lora, main = run.cfg.model.lora is not None, run.world.is_main
+    if run.cfg.output.checkpoint_format == "sharded":
+        path = _save_sharded_run_checkpoint(run, step)
+        model = next(iter(run.models().values()))
+        full = full_model_state(model, run.world) if lora and is_sharded(model) else model
+    else:
+        models, optimizer = checkpoint_payload(run.models(), run.optimizer, run.world)
+        full = next(iter(models.values()))
+        path = None
+        if main:
+            keep = run.cfg.output.keep_last
+            path = save_checkpoint(run.run_dir, step, models, optimizer, None, run.state, keep_last=keep)
+    if main and lora:
+        export_lora_from(run, full, path)
+    if main and is_best:
+        mark_best(run.run_dir, step)
+    distributed.barrier(run.world)
+
+
+def _save_sharded_run_checkpoint(run, step: int) -> Path | None:
+    """Every process writes its shards into a staging directory; rank 0 then completes the checkpoint."""
+    root = Path(run.run_dir) / CHECKPOINTS
+    staging = root / f".dcp-{checkpoint_name(step)}"
+    if run.world.is_main:
+        for leftover in root.glob(".dcp-*"):  # a crash's partial shards
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging.mkdir(parents=True)
+    distributed.barrier(run.world)
+    save_sharded(run.models(), run.optimizer, staging)
+    distributed.barrier(run.world)
+    if not run.world.is_main:
+        return None
+    names, keep = dict.fromkeys(run.models()), run.cfg.output.keep_last
+    return save_checkpoint(run.run_dir, step, names, None, None, run.state, keep_last=keep, sharded=staging)
+
+
+def export_lora_from(run, saved: nn.Module | dict, directory: Path) -> None:
+    """Export the LoRA policy as `model.lora.save` says (rank 0). `saved` is the live model, or (FSDP) its
+    full state gathered from the shards, loaded into an unsharded copy first."""
+    from polyalign.lora import export_lora  # peft: LoRA runs only
+
+    model = next(iter(run.models().values()))
+    source = saved if isinstance(saved, nn.Module) else _unsharded_peft_copy(model, saved)
+    export_lora(source, directory, run.cfg.model.lora.save, run.tokenizer)
+
+
+def _unsharded_peft_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A PEFT model like `model` holding the full tensors of `state` (built on the meta device, then assigned:
+    no other copy of the weights)."""
+    from peft import get_peft_model  # LoRA runs only
+
+    base = model.get_base_model()
+    with torch.device("meta"):
+        twin = get_peft_model(
+            type(base)(copy.deepcopy(base.config)), copy.deepcopy(model.peft_config["default"])
         )
-    return [slice(i, min(i + micro_batch_size, n_rows)) for i in range(0, n_rows, micro_batch_size)]
+    state = dict(state)
+    for name, kept in tied_names(model).items():
+        state[name] = state[kept]
+    twin.load_state_dict(state, strict=True, assign=True)
+    return twin
 
 
-def micro_batch_scale(part: slice | int, total: int) -> float:
-    """Weight of one micro-batch's mean loss so that the accumulated gradient equals the full-batch mean's.
-
-    `sum_m scale_m * mean_m(loss) == mean(loss)` with `scale_m = rows_in_m / rows_total`. Pass token counts
-    instead of row counts for token-mean losses.
-    """
-    count = part if isinstance(part, int) else len(range(*part.indices(total)))
-    if total <= 0 or count < 0 or count > total:
-        raise ValueError(f"micro_batch_scale: need 0 <= part ({count}) <= total ({total}) and total > 0")
-    return count / total
+# ---------------------------------------------------------------- finish
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy (when installed) and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    with contextlib.suppress(ImportError):
-        import numpy as np
+def finish(run, trainer: Trainer) -> dict:
+    """Close the logs, add the trainer's summary (exports, report), write summary.json, leave the group."""
+    run.progress.close()
+    run.logger.close()
+    summary = {
+        "run_dir": str(run.run_dir),
+        "steps": run.total_steps,
+        "eval_start": run.state.get("eval_start"),
+        "best_eval": run.state.get("best_eval"),
+    }
+    summary.update(trainer.summary(run))
+    distributed.barrier(run.world)
+    if run.world.is_main:
+        atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+        print0(f"run finished: {run.run_dir}")
+    distributed.close_world(run.world)
+    return summary
 
-        np.random.seed(seed % 2**32)
 
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def autocast_context(
-    dtype: torch.dtype | str, device: torch.device | str
-) -> contextlib.AbstractContextManager:
-    """`torch.autocast` for bf16/fp16 on the device's type, a no-op context for fp32."""
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"autocast_context: unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"autocast_context: dtype must be float32, bfloat16 or float16, got {dtype}")
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+def train(run, trainer: Trainer) -> dict:
+    """The loop from where `run` stands to its last step, then `finish`; returns the summary."""
+    train_loop(run, trainer)
+    return finish(run, trainer)

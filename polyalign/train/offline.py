@@ -1,15 +1,15 @@
 """Offline preference training: DPO, IPO, offline CoPG, SFT and Bradley-Terry reward models on fixed pairs.
 
-One step is a loop of named phases (no generation):
+One step is a loop of named phases (no generation), per micro-batch of this process's share of the batch:
 
-    batch (rows of step s, a pure function of s) -> reference log-probs (cached, or a frozen model)
-          -> policy log-probs of chosen and rejected (one concatenated forward) -> loss by name
-          -> backward (micro-batches, gradients accumulated) -> guarded optimizer step
+    batch (rows of step s, a pure function of s) -> reference (cached log-probs, or a frozen model's forward)
+          -> policy (chosen and rejected in one concatenated forward) -> loss (by name)
+          -> update (backward, gradients accumulated over micro-batches, one guarded optimizer step)
 
 Evaluation on held-out pairs reports the loss, the preference accuracy (fraction of pairs with a positive
 margin: the implicit reward margin beta * (a_chosen - a_rejected), a = log pi/pi_ref, for DPO/IPO/CoPG; the
 score margin for reward models; the log-likelihood margin for SFT) and the accuracy per language. The best
-checkpoint is the one with the highest held-out accuracy.
+checkpoint is the one with the highest held-out accuracy. The loop is the shared skeleton of `train/loop.py`.
 Run it: `polyalign train configs/offline/dpo.yaml [--loss.beta=0.1 ...] [--resume]`.
 """
 
@@ -22,98 +22,116 @@ from torch import nn
 
 from polyalign import losses
 from polyalign.config_offline import LossConfig, OfflineRunConfig
-from polyalign.logprobs import completion_logprobs
-from polyalign.train import distributed
-from polyalign.train.distributed_checkpoint import save_run_checkpoint
-from polyalign.train.loop import lr_at, micro_batches, set_lr, step_optimizer
-from polyalign.train.offline_batches import Micro, make_micro, pair_logprobs, pair_scores
-from polyalign.train.offline_data import batch_indices, sft_sides
-from polyalign.train.offline_run import OfflineRun, finish_offline_run, setup_offline_run
+from polyalign.data.chat import PreferenceBatch, collate_pairs
+from polyalign.logprobs import completion_logprobs, pair_logprobs, pair_scores, reference_sequence_logprobs
+from polyalign.train import distributed, loop
+from polyalign.train.offline_data import PairSet, batch_indices, sft_sides
+from polyalign.train.offline_run import OfflineRun, setup_offline_run, summary
+from polyalign.train.optim import micro_batches
 
-LossOut = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]  # loss, stats, margins (B,)
+Ref = tuple[torch.Tensor, torch.Tensor] | None  # reference sequence log-probs of chosen and rejected (b,)
+LossOut = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]  # loss, stats, margins (b,)
 
-# ---------------------------------------------------------------- losses: (model, loss config, micro) -> LossOut
-
-
-def _policy_pair(
-    model: nn.Module, m: Micro, lc: LossConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of chosen and rejected (B,) and the implicit reward margins (B,)."""
-    chosen_tokens, rejected_tokens = pair_logprobs(model, m.batch)
-    chosen, rejected = chosen_tokens.sum(-1), rejected_tokens.sum(-1)
-    margins = lc.beta * ((chosen - m.ref_chosen) - (rejected - m.ref_rejected)).detach()
-    return chosen, rejected, margins
+# ---------------------------------------------------------------- phases
 
 
-def dpo(model: nn.Module, lc: LossConfig, m: Micro) -> LossOut:
-    chosen, rejected, margins = _policy_pair(model, m, lc)
-    loss, stats = losses.dpo_loss(
-        chosen, rejected, m.ref_chosen, m.ref_rejected, beta=lc.beta, label_smoothing=lc.label_smoothing
+def batch_phase(run: OfflineRun, data: PairSet, rows: list[int]) -> PreferenceBatch:
+    """`rows` of `data` collated and on the device."""
+    return collate_pairs([data.pairs[i] for i in rows], run.pad_id).to(run.cfg.model.device)
+
+
+def reference_phase(run: OfflineRun, data: PairSet, rows: list[int], batch: PreferenceBatch) -> Ref:
+    """Reference log-probs of the pairs: cached when precomputed, else a forward of the reference model;
+    None when the loss needs no reference."""
+    if not run.needs_ref:
+        return None
+    if data.ref_chosen is not None:
+        index, device = torch.tensor(rows), run.cfg.model.device
+        return data.ref_chosen[index].to(device), data.ref_rejected[index].to(device)
+    if run.ref is None:
+        raise RuntimeError(
+            "the loss needs reference log-probs, but neither a cache nor a reference model exists"
+        )
+    return reference_sequence_logprobs(run.ref, batch)
+
+
+def policy_phase(
+    model: nn.Module, batch: PreferenceBatch, loss_name: str, use_rejected: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The trained model's outputs for a batch, from one forward: per-token log-probs (b, T) of chosen and
+    rejected; for reward models their scores (b,); for SFT training only the target side's log-probs (b, T)
+    (the rejected completion where use_rejected)."""
+    if loss_name == "reward_model":
+        return pair_scores(model, batch)
+    if loss_name == "sft" and use_rejected is not None:
+        ids, mask = sft_target(batch, use_rejected)
+        return completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, ids, mask), None
+    return pair_logprobs(model, batch)
+
+
+def sft_target(batch: PreferenceBatch, use_rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    side = use_rejected[:, None]
+    return (
+        torch.where(side, batch.rejected_ids, batch.chosen_ids),
+        torch.where(side, batch.rejected_mask, batch.chosen_mask),
     )
-    return loss, stats, margins
 
 
-def ipo(model: nn.Module, lc: LossConfig, m: Micro) -> LossOut:
-    chosen, rejected, margins = _policy_pair(model, m, lc)
-    b = m.batch
+# ---------------------------------------------------------------- losses: policy outputs -> (loss, stats, margins)
+
+
+def _margins(lc: LossConfig, chosen: torch.Tensor, rejected: torch.Tensor, ref: Ref) -> torch.Tensor:
+    """The implicit reward margins beta * ((chosen - ref_chosen) - (rejected - ref_rejected)), (b,)."""
+    return lc.beta * ((chosen - ref[0]) - (rejected - ref[1])).detach()
+
+
+def dpo(lc: LossConfig, batch: PreferenceBatch, ref: Ref, chosen, rejected, use_rejected) -> LossOut:
+    chosen, rejected = chosen.sum(-1), rejected.sum(-1)
+    loss, stats = losses.dpo_loss(chosen, rejected, *ref, beta=lc.beta, label_smoothing=lc.label_smoothing)
+    return loss, stats, _margins(lc, chosen, rejected, ref)
+
+
+def ipo(lc: LossConfig, batch: PreferenceBatch, ref: Ref, chosen, rejected, use_rejected) -> LossOut:
+    chosen_lengths, rejected_lengths = batch.chosen_mask.sum(-1).float(), batch.rejected_mask.sum(-1).float()
+    chosen, rejected = chosen.sum(-1), rejected.sum(-1)
     loss, stats = losses.ipo_loss(
         chosen,
         rejected,
-        m.ref_chosen,
-        m.ref_rejected,
+        *ref,
         beta=lc.beta,
-        chosen_lengths=b.chosen_mask.sum(-1).float(),
-        rejected_lengths=b.rejected_mask.sum(-1).float(),
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
         length_normalize=lc.length_normalize,
     )
-    return loss, stats, margins
+    return loss, stats, _margins(lc, chosen, rejected, ref)
 
 
-def copg(model: nn.Module, lc: LossConfig, m: Micro) -> LossOut:
+def copg(lc: LossConfig, batch: PreferenceBatch, ref: Ref, chosen, rejected, use_rejected) -> LossOut:
     """Offline CoPG: the pair (chosen, rejected) is (y, y') with their rewards (any scale, not a ranking)."""
-    chosen, rejected, margins = _policy_pair(model, m, lc)
-    b = m.batch
+    chosen, rejected = chosen.sum(-1), rejected.sum(-1)
     loss, stats = losses.copg_loss(
-        chosen,
-        rejected,
-        m.ref_chosen,
-        m.ref_rejected,
-        b.chosen_scores,
-        b.rejected_scores,
-        beta=lc.beta,
-        form=lc.copg_form,
+        chosen, rejected, *ref, batch.chosen_scores, batch.rejected_scores, beta=lc.beta, form=lc.copg_form
     )
-    return loss, stats, margins
+    return loss, stats, _margins(lc, chosen, rejected, ref)
 
 
-def sft(model: nn.Module, lc: LossConfig, m: Micro) -> LossOut:
-    """Training: NLL of the target side (chosen, or rejected where use_rejected). Evaluation: NLL of chosen,
-    margins = log pi(chosen) - log pi(rejected) (does the policy rank the pair like the data?)."""
-    b = m.batch
-    if m.use_rejected is None:
-        chosen_tokens, rejected_tokens = pair_logprobs(model, b)
-        loss, stats = losses.sft_loss(chosen_tokens, b.chosen_mask)
-        return loss, stats, (chosen_tokens.sum(-1) - rejected_tokens.sum(-1)).detach()
-    side = m.use_rejected[:, None]
-    ids, mask = (
-        torch.where(side, b.rejected_ids, b.chosen_ids),
-        torch.where(side, b.rejected_mask, b.chosen_mask),
-    )
-    logprobs = completion_logprobs(model, b.prompt_ids, b.prompt_mask, ids, mask)  # (B, T)
-    loss, stats = losses.sft_loss(logprobs, mask)
+def sft(lc: LossConfig, batch: PreferenceBatch, ref: Ref, chosen, rejected, use_rejected) -> LossOut:
+    """Training: NLL of the target side (`chosen` holds its log-probs). Evaluation (use_rejected None): NLL of
+    chosen, margins = log pi(chosen) - log pi(rejected) (does the policy rank the pair like the data?)."""
+    if use_rejected is None:
+        loss, stats = losses.sft_loss(chosen, batch.chosen_mask)
+        return loss, stats, (chosen.sum(-1) - rejected.sum(-1)).detach()
+    loss, stats = losses.sft_loss(chosen, sft_target(batch, use_rejected)[1])
     return loss, stats, None
 
 
-def reward_model(model: nn.Module, lc: LossConfig, m: Micro) -> LossOut:
-    """Bradley-Terry on (prompt + chosen, prompt + rejected); margins = score differences."""
-    chosen, rejected = pair_scores(model, m.batch)
+def reward_model(lc: LossConfig, batch: PreferenceBatch, ref: Ref, chosen, rejected, use_rejected) -> LossOut:
+    """Bradley-Terry on the scores of (prompt + chosen, prompt + rejected); margins = score differences."""
     loss, stats = losses.bradley_terry_loss(chosen, rejected)
     return loss, stats, (chosen - rejected).detach()
 
 
 LOSSES = {"dpo": dpo, "ipo": ipo, "copg": copg, "sft": sft, "reward_model": reward_model}
-
-# ---------------------------------------------------------------- update
 
 
 def row_weights(
@@ -126,54 +144,44 @@ def row_weights(
     return [float(len(pairs[r].rejected_ids if f else pairs[r].chosen_ids)) for r, f in zip(rows, flags)]
 
 
-def _accumulate(into: dict[str, float], values: dict, weight: float) -> None:
-    for k, v in values.items():
-        into[k] = into.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * weight
+# ---------------------------------------------------------------- the step
 
 
-def update_phase(run: OfflineRun, rows: list[int], use_rejected: torch.Tensor) -> dict[str, float]:
-    """One optimizer step on `rows` (the whole batch; this process trains on its share), gradients
-    accumulated over micro-batches and weighted so that, averaged over processes, they are the batch mean."""
-    cfg, world = run.cfg, run.world
-    loss_fn = LOSSES[cfg.loss.name]
-    weights = row_weights(cfg.loss.name, run.train_set.pairs, rows, use_rejected)
-    total, stats = sum(weights), {}
-    share = distributed.shard(len(rows), world, "train.batch_size")
-    rows, weights, use_rejected = rows[share], weights[share], use_rejected[share]
+def update_phase(
+    run: OfflineRun, rows: list[int], weights: list[float], total: float, use_rejected: torch.Tensor
+) -> dict[str, float]:
+    """One optimizer step on this process's `rows`, gradients accumulated over micro-batches and weighted
+    (`row_weights` / the whole batch's `total`) so that, averaged over processes, they are the batch mean."""
+    cfg = run.cfg
+    loss_fn, stats = LOSSES[cfg.loss.name], {}
     run.model.train()
     parts = micro_batches(len(rows), cfg.train.micro_batch_size or len(rows))
     for i, part in enumerate(parts):
-        micro = make_micro(
-            run.train_set,
-            rows[part],
-            run.pad_id,
-            cfg.model.device,
-            run.ref,
-            run.needs_ref,
-            use_rejected[part],
-        )
+        batch = batch_phase(run, run.train_set, rows[part])
+        ref = reference_phase(run, run.train_set, rows[part], batch)
+        side = use_rejected[part].to(cfg.model.device)
         with distributed.accumulating(run.train_model, last=i == len(parts) - 1):
-            loss, loss_stats, _ = loss_fn(run.train_model, cfg.loss, micro)
-            weight = sum(weights[part]) / total * world.size  # processes average their gradients
+            outputs = policy_phase(run.train_model, batch, cfg.loss.name, side)
+            loss, loss_stats, _ = loss_fn(cfg.loss, batch, ref, *outputs, side)
+            weight = sum(weights[part]) / total * run.world.size  # processes average their gradients
             (loss * weight).backward()
-        _accumulate(stats, {"loss": loss, **loss_stats}, weight)
-    result = step_optimizer(run.model.parameters(), run.optimizer, cfg.train.max_grad_norm)
-    if result.skipped:
-        run.console(f"step skipped: {result.reason}")
-    stats = distributed.mean_metrics({**stats, "pairs_per_process": len(rows)}, world)
-    return {**stats, "grad_norm": result.grad_norm, "skipped_steps": float(result.skipped)}
+        loop.accumulate(stats, {"loss": loss, **loss_stats}, weight)
+    loop.optimizer_step(run, run.model.parameters(), stats)
+    return stats
 
 
 def train_step(run: OfflineRun, step: int) -> dict[str, float]:
-    cfg = run.cfg
+    cfg, world = run.cfg, run.world
     t0 = time.perf_counter()
     rows = batch_indices(len(run.train_set), step, cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
     use_rejected = sft_sides(step, len(rows), cfg.train.seed, cfg.loss.sft_target == "random")
-    stats = update_phase(run, rows, use_rejected)
+    weights = row_weights(cfg.loss.name, run.train_set.pairs, rows, use_rejected)
+    share = distributed.shard(len(rows), world, "train.batch_size")  # this process's rows
+    stats = update_phase(run, rows[share], weights[share], sum(weights), use_rejected[share])
+    stats = distributed.mean_metrics({**stats, "pairs_per_process": len(rows[share])}, world)
     seconds = time.perf_counter() - t0
-    tokens = sum(
-        len(run.train_set.pairs[r].chosen_ids) + len(run.train_set.pairs[r].rejected_ids) for r in rows
-    )
+    pairs = run.train_set.pairs
+    tokens = sum(len(pairs[r].chosen_ids) + len(pairs[r].rejected_ids) for r in rows)
     return {
         **stats,
         "lr": run.optimizer.param_groups[0]["lr"],
@@ -184,7 +192,7 @@ def train_step(run: OfflineRun, step: int) -> dict[str, float]:
     }
 
 
-# ---------------------------------------------------------------- evaluation and checkpoints
+# ---------------------------------------------------------------- evaluation: the loop's hooks
 
 
 @torch.no_grad()
@@ -199,8 +207,10 @@ def evaluate(run: OfflineRun, step: int) -> dict[str, float]:
     run.model.eval()
     loss_sum, margins = 0.0, []
     for part in micro_batches(n, cfg.eval.batch_size):
-        micro = make_micro(data, rows[part], run.pad_id, cfg.model.device, run.ref, run.needs_ref)
-        loss, _, part_margins = LOSSES[cfg.loss.name](run.train_model, cfg.loss, micro)
+        batch = batch_phase(run, data, rows[part])
+        ref = reference_phase(run, data, rows[part], batch)
+        outputs = policy_phase(run.train_model, batch, cfg.loss.name, None)
+        loss, _, part_margins = LOSSES[cfg.loss.name](cfg.loss, batch, ref, *outputs, None)
         loss_sum += float(loss) * sum(weights[part])
         margins.append(part_margins.float().cpu())
     run.model.train()
@@ -219,50 +229,23 @@ def evaluate(run: OfflineRun, step: int) -> dict[str, float]:
     return result
 
 
-def _is_better(result: dict, best: dict | None) -> bool:
+def is_better(result: dict, best: dict | None) -> bool:
+    """Higher held-out accuracy; on a tie, lower held-out loss."""
     if best is None:
         return True
     a, b = result["eval/accuracy"], best["eval/accuracy"]
     return a > b or (a == b and result["eval/loss"] < best["eval/loss"])
 
 
-def maybe_checkpoint(run: OfflineRun, step: int) -> None:
-    """Evaluate every eval.every steps and at the end; save every checkpoint_every steps, at the end, and
-    whenever held-out accuracy improves (that checkpoint is marked best)."""
-    cfg, last = run.cfg, step == run.total_steps
-    is_best = False
-    if run.eval_set is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or last):
-        result = evaluate(run, step)
-        if last:
-            run.state["eval_final"] = {**result, "step": step}
-        if _is_better(result, run.state.get("best_eval")):
-            run.state["best_eval"], is_best = {**result, "step": step}, True
-    if (cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0) or last or is_best:
-        save_run_checkpoint(run, step, is_best)
-
-
-# ---------------------------------------------------------------- the loop
+TRAINER = loop.Trainer(step=train_step, evaluate=evaluate, is_better=is_better, summary=summary)
 
 
 def train_loop(run: OfflineRun) -> None:
-    """Steps from where the run stands (0, or the resumed step) to the total, checkpointing on the way."""
-    t = run.cfg.train
-    if run.start_step == 0 and run.eval_set is not None:
-        run.state["eval_start"] = evaluate(run, step=0)
-    for step in range(run.start_step, run.total_steps):
-        set_lr(run.optimizer, lr_at(step, t.lr, t.warmup_steps, run.total_steps, t.schedule))
-        metrics = train_step(run, step)
-        run.logger.log(step + 1, metrics)
-        run.progress.update(step + 1, metrics)
-        run.state["step"] = step + 1
-        maybe_checkpoint(run, step + 1)
+    """The shared loop with the offline step, from where `run` stands to its total steps."""
+    loop.train_loop(run, TRAINER)
 
 
 def train_offline(cfg: OfflineRunConfig, resume: bool = False) -> dict:
     """Train on a fixed preference dataset; returns a summary (held-out results at start, best and end, data
     report, run directory, exported model)."""
-    run = setup_offline_run(cfg, resume=resume)
-    train_loop(run)
-    summary = finish_offline_run(run)
-    distributed.close_world(run.world)
-    return summary
+    return loop.train(setup_offline_run(cfg, resume=resume), TRAINER)

@@ -1,37 +1,31 @@
 """Everything the offline trainer holds for one run, built from an OfflineRunConfig: the trained model (a
 causal LM, or a sequence classifier for reward_model), the reference (cached log-probs or a frozen model),
-the tokenized pair sets, optimizer, logging, resume, and the closing report. `train/offline.py` holds the
-loop and the losses; this file holds no algorithm.
+the tokenized pair sets, optimizer and logging; and the closing summary (exported model, report).
+`train/offline.py` holds the step and the losses, `train/loop.py` the loop; this file holds no algorithm.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from polyalign.config import ConfigError, dump_yaml
+from polyalign.config import ConfigError
 from polyalign.config_offline import OfflineRunConfig
+from polyalign.data.chat import collate_pairs
 from polyalign.files import atomic_write_text
-from polyalign.models import (
-    load_base_classifier,
-    load_policy,
-    load_reference,
-    load_tokenizer,
-    resolve_model_path,
-)
+from polyalign.logprobs import reference_sequence_logprobs
+from polyalign.models import load_base_classifier, load_policy, load_tokenizer, resolve_model_path
 from polyalign.report import write_run_report
-from polyalign.train import distributed
-from polyalign.train.checkpoint import resume_run
+from polyalign.train import distributed, loop
 from polyalign.train.distributed import World
-from polyalign.train.distributed_checkpoint import export_lora_from, full_model_state
-from polyalign.train.logging import MetricsLogger, NullLogger, Progress, print0
-from polyalign.train.loop import build_optimizer, seed_everything
-from polyalign.train.offline_batches import precompute_reference
+from polyalign.train.distributed_checkpoint import full_model_state
+from polyalign.train.logging import MetricsLogger, Progress, print0
 from polyalign.train.offline_data import PairSet, build_pair_sets
+from polyalign.train.optim import micro_batches
+from polyalign.train.run import build_reference
 
 # Losses whose pairs are compared against a reference policy.
 NEEDS_REFERENCE = ("dpo", "ipo", "copg")
@@ -58,6 +52,10 @@ class OfflineRun:
 
     def __post_init__(self) -> None:
         self.train_model = self.train_model or self.model
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_set is not None
 
     @property
     def needs_ref(self) -> bool:
@@ -107,31 +105,30 @@ def _with_lora(cfg: OfflineRunConfig, model: torch.nn.Module) -> torch.nn.Module
 def setup_reference(cfg: OfflineRunConfig, model, train_set: PairSet, eval_set: PairSet | None, pad_id: int):
     """Cache the reference log-probs of every pair (returns None) or return a frozen reference model. The
     reference is model.reference, else the starting policy (which, when caching, is the policy itself)."""
-    m = cfg.model
-    if m.reference:
-        ref = load_reference(m.reference, dtype=m.dtype, device=m.device)[0]
-    elif cfg.reference.precompute:
-        ref = model  # read before any update, so it is the starting policy
-    elif m.lora is not None:
-        from polyalign.lora import reference_view
-
-        ref = reference_view(model)  # the base: the adapter disabled, no second copy
-    else:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
     if not cfg.reference.precompute:
-        return ref
-    precompute_reference(ref, train_set, pad_id, cfg.reference.batch_size, m.device)
+        return build_reference(cfg, model)
+    ref = build_reference(cfg, model) if cfg.model.reference else model  # read before any update
+    precompute_reference(ref, train_set, pad_id, cfg.reference.batch_size, cfg.model.device)
     if eval_set is not None:
-        precompute_reference(ref, eval_set, pad_id, cfg.eval.batch_size, m.device)
+        precompute_reference(ref, eval_set, pad_id, cfg.eval.batch_size, cfg.model.device)
     return None  # a separately loaded reference goes out of scope here and is freed
 
 
+def precompute_reference(
+    ref: torch.nn.Module, data: PairSet, pad_id: int, batch_size: int, device: str
+) -> None:
+    """Fill data.ref_chosen / data.ref_rejected (N,) with the reference log-probs of every pair, batching
+    consecutive rows (evaluation batches the same way, so at step 0 the policy's margins are exactly 0)."""
+    chosen, rejected = [], []
+    for part in micro_batches(len(data), batch_size):
+        c, r = reference_sequence_logprobs(ref, collate_pairs(data.pairs[part], pad_id).to(device))
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+    data.ref_chosen, data.ref_rejected = torch.cat(chosen), torch.cat(rejected)
+
+
 def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun:
-    if cfg.model.threads:
-        torch.set_num_threads(cfg.model.threads)
-    world, cfg = distributed.join(cfg)
-    seed_everything(cfg.train.seed)
-    run_dir = distributed.claim_on_main(cfg.output.run_dir, resume, world, dump_yaml(cfg))
+    world, cfg, run_dir = loop.start(cfg, resume)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.policy))
     # Data before the model: bad data fails fast, naming file, line and field.
     train_set, eval_set, data_report = build_pair_sets(cfg, tokenizer, console=print0)
@@ -146,15 +143,8 @@ def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun
     train_model = distributed.wrap(model, cfg.model.parallel, world)
     if ref is not None:
         ref = distributed.wrap_reference(ref, train_model, model, cfg.model.parallel, world)
-    optimizer = build_optimizer(
-        model.named_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
-    progress = Progress(
-        total=steps,
-        keys=("loss", "accuracy"),
-        enabled=cfg.output.progress and world.is_main,
-        print_every=10 if cfg.output.progress else 0,
-    )
+    params = model.named_parameters()  # named: biases and norm weights get no weight decay
+    optimizer, logger, progress = loop.plumbing(cfg, world, run_dir, params, steps, ("loss", "accuracy"))
     run = OfflineRun(
         cfg,
         run_dir,
@@ -164,7 +154,7 @@ def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun
         train_set,
         eval_set,
         optimizer,
-        MetricsLogger(run_dir) if world.is_main else NullLogger(),
+        logger,
         progress,
         steps,
         data_report,
@@ -172,7 +162,7 @@ def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun
         train_model=train_model,
     )
     if resume:
-        resume_run(run)
+        loop.resume(run)
     return run
 
 
@@ -193,46 +183,30 @@ def _eval_table(run: OfflineRun) -> str:
     return "\n".join(lines) + (f"\n\nBest checkpoint: step {best['step']}." if best else "")
 
 
-def finish_offline_run(run: OfflineRun) -> dict:
-    """Close logs, export the final model (Hugging Face format) to run_dir/model, write the report and
-    summary.json; return the summary."""
-    run.progress.close()
-    run.logger.close()
+def summary(run: OfflineRun) -> dict:
+    """Export the final model (Hugging Face format, or the LoRA adapter/merged model) to run_dir/model, on
+    every process (FSDP gathers the weights); write the report on rank 0. The loop's closing hook."""
     export = run.run_dir / "model"
     weights = full_model_state(run.model, run.world) if distributed.is_sharded(run.model) else None
     if run.world.is_main and run.cfg.model.lora is not None:  # model/adapter and/or model/merged
-        export_lora_from(run, run.model if weights is None else weights, export)
+        loop.export_lora_from(run, run.model if weights is None else weights, export)
     elif run.world.is_main:
         run.model.save_pretrained(export, **({"state_dict": weights} if weights is not None else {}))
         run.tokenizer.save_pretrained(export)
-    distributed.barrier(run.world)
     cfg = run.cfg
-    summary = {
-        "run_dir": str(run.run_dir),
+    out = {
         "loss": cfg.loss.name,
-        "steps": run.total_steps,
-        "eval_start": run.state.get("eval_start"),
-        "best_eval": run.state.get("best_eval"),
         "eval_final": run.state.get("eval_final"),
         "data": run.data_report,
         "model": str(export),
     }
-    if not run.world.is_main:
-        return summary
-    if cfg.output.report:
+    if run.world.is_main and cfg.output.report:
         text = (
             f"Loss `{cfg.loss.name}` (beta {cfg.loss.beta}), model `{cfg.model.policy}`, data `{cfg.data.train}`, "
             f"{run.total_steps} steps of {cfg.train.batch_size} pairs.\n\n{_eval_table(run)}\n\n"
             f"Data: `{json.dumps(run.data_report, ensure_ascii=False)}`\n"
         )
-        summary["report"] = str(
-            write_run_report(
-                run.run_dir,
-                title=f"polyalign offline {cfg.loss.name} run",
-                keys=("loss", "accuracy", "eval/loss", "eval/accuracy", "grad_norm"),
-                extra_markdown=text,
-            )
-        )
-    atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
-    print0(f"run finished: {run.run_dir}")
-    return summary
+        keys = ("loss", "accuracy", "eval/loss", "eval/accuracy", "grad_norm")
+        title = f"polyalign offline {cfg.loss.name} run"
+        out["report"] = str(write_run_report(run.run_dir, title=title, keys=keys, extra_markdown=text))
+    return out

@@ -6,25 +6,31 @@ The whole completion is one action (arXiv:2402.14740). One step is a loop of nam
             -> reference (log pi_ref, for the KL-shaped reward r - beta * log(pi/pi_ref))
             -> advantages (per algorithm) -> update (updates_per_batch minibatches, micro-batched)
 
-PPO's update (critic, GAE, clipped ratio, epochs) lives in `train/ppo.py` and plugs into the same loop.
+Gathering (rewards for batch-wide baselines, metrics) and sharding (prompts, advantages) happen at the edges
+of `train_step`; the phases in between see this process's rows. PPO's update (critic, GAE, clipped ratio,
+epochs) lives in `train/ppo.py`. The loop itself is the shared skeleton of `train/loop.py`.
 Run it: `polyalign train [CONFIG.yaml] [--algo.name=rloo --train.steps=200 ...] [--resume]`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from polyalign import losses
-from polyalign.config import RunConfig
+from polyalign.config import AlgoConfig, RewardConfig, RunConfig
+from polyalign.files import atomic_write_text
 from polyalign.logprobs import completion_logprobs
 from polyalign.rollout.mismatch import logprob_mismatch
-from polyalign.train import distributed, ppo
-from polyalign.train.loop import lr_at, set_lr, step_optimizer
-from polyalign.train.run import Run, evaluate, finish_run, maybe_checkpoint, setup_run
+from polyalign.train import distributed, loop
+from polyalign.train.logging import print0
+from polyalign.train.online_report import before_after, write_online_report
+from polyalign.train.ppo import ppo_update
+from polyalign.train.run import Run, setup_run
 from polyalign.types import Rollout, Sampling
 
 
@@ -34,18 +40,18 @@ class Scored:
 
     scores: torch.Tensor  # (B,) raw reward-function scores, penalties applied
     components: dict[str, torch.Tensor]  # name -> (B,) unweighted sub-rewards, for logging
-    ref_logprobs: torch.Tensor | None  # (B, T) reference per-token log-probs, None when kl_coef == 0
+    ref_logprobs: torch.Tensor | None  # (B, T) reference per-token log-probs, None without a reference
     kl: torch.Tensor  # (B,) sequence KL estimate (0 without a reference)
     rewards: torch.Tensor  # (B,) KL-shaped rewards R = scores - beta * kl
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- phases
 
 
 def generate_phase(run: Run, step: int) -> Rollout:
+    """This process's share of step `step`'s prompts, k completions each."""
     cfg = run.cfg
-    prompts, columns = run.next_prompts(step)  # this process's share
+    prompts, columns = run.next_prompts(step)  # sharded here, at the start of the step
     rows = len(prompts) * cfg.rollout.samples_per_prompt
     sampling = Sampling(
         max_new_tokens=cfg.rollout.max_new_tokens,
@@ -60,10 +66,11 @@ def generate_phase(run: Run, step: int) -> Rollout:
     return run.generate(prompts, n=cfg.rollout.samples_per_prompt, sampling=sampling, extras=columns)
 
 
-def score_phase(run: Run, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def score_phase(
+    rollout: Rollout, score: Callable, r: RewardConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Raw scores from the reward functions, minus the configured guards (no-EOS and length penalties)."""
-    scores, components = run.score(rollout.prompts_per_row, rollout.completions, **rollout.extras)
-    r = run.cfg.reward
+    scores, components = score(rollout.prompts_per_row, rollout.completions, **rollout.extras)
     if r.no_eos_penalty:
         scores = scores - r.no_eos_penalty * (~rollout.finished).float()
     if r.length_penalty:
@@ -72,45 +79,37 @@ def score_phase(run: Run, rollout: Rollout) -> tuple[torch.Tensor, dict[str, tor
 
 
 @torch.inference_mode()
-def reference_phase(run: Run, rollout: Rollout, scores: torch.Tensor, components: dict) -> Scored:
-    a = run.cfg.algo
-    if run.ref is None:
-        zero = torch.zeros_like(scores)
-        return Scored(scores, components, None, zero, scores.clone())
-    ref_logprobs = completion_logprobs(
-        run.ref,
-        rollout.prompt_ids,
-        rollout.prompt_mask,
-        rollout.completion_ids,
-        rollout.completion_mask,
-        temperature=run.logprob_temperature,
+def reference_phase(
+    ref, rollout: Rollout, scores: torch.Tensor, components: dict, a: AlgoConfig, temperature: float
+) -> Scored:
+    """Reference log-probs and the KL-shaped reward R = score - beta * KL (R = score without a reference).
+    The sampler's log-probs are the current policy's (on-policy): no extra forward for log pi."""
+    if ref is None:
+        return Scored(scores, components, None, torch.zeros_like(scores), scores.clone())
+    mask = rollout.completion_mask
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask)
+    ref_logprobs = completion_logprobs(ref, *args, temperature=temperature)
+    kind, aggregate = a.kl_estimator, a.kl_aggregate
+    kl = losses.sequence_kl(rollout.logprobs, ref_logprobs, mask, kind=kind, aggregate=aggregate)
+    rewards = losses.kl_shaped_rewards(
+        scores, rollout.logprobs, ref_logprobs, mask, a.kl_coef, kind=kind, aggregate=aggregate
     )
-    # The sampler's log-probs are the current policy's (on-policy): no extra forward for log pi.
-    kl = losses.sequence_kl(
-        rollout.logprobs, ref_logprobs, rollout.completion_mask, kind=a.kl_estimator, aggregate=a.kl_aggregate
-    )
-    rewards = scores - a.kl_coef * kl
     return Scored(scores, components, ref_logprobs, kl, rewards)
 
 
-def advantage_phase(run: Run, scored: Scored) -> torch.Tensor:
-    """Per-completion advantages (B,) for the REINFORCE family; RAFT/CoPG/PPO use their own signals.
-
-    Computed on the whole batch gathered from every process (baselines and whitening see all rows), then
-    this process's rows are returned."""
-    a, G = run.cfg.algo, run.cfg.rollout.samples_per_prompt
-    R = distributed.gather_rows(scored.rewards, run.world)
+def advantage_phase(rewards: torch.Tensor, a: AlgoConfig, group_size: int, state: dict) -> torch.Tensor:
+    """Per-completion advantages (B,) of the whole batch (every process's rewards, so that baselines and
+    whitening see all rows) for the REINFORCE family; RAFT/CoPG/PPO use their own signals."""
     if a.name == "rloo":
-        adv = losses.rloo_advantages(R.view(-1, G)).flatten()
+        adv = losses.rloo_advantages(rewards.view(-1, group_size)).flatten()
     elif a.name == "reinforce":
-        saved = run.state.get("baseline")  # kept JSON-friendly so that it rides in checkpoints
-        state = losses.BaselineState(saved["mean"], saved["count"]) if saved else None
-        adv, new = losses.moving_average_baseline(R, state, momentum=a.baseline_momentum)
-        run.state["baseline"] = {"mean": float(new.mean), "count": int(new.count)}
+        saved = state.get("baseline")  # kept JSON-friendly in the run state, so that it rides in checkpoints
+        baseline = losses.BaselineState(saved["mean"], saved["count"]) if saved else None
+        adv, new = losses.moving_average_baseline(rewards, baseline, momentum=a.baseline_momentum)
+        state["baseline"] = {"mean": float(new.mean), "count": int(new.count)}
     else:  # vanilla_pg, and the signals others ignore
-        adv = R.clone()
-    adv = losses.whiten(adv) if a.whiten_advantages else adv
-    return adv[distributed.shard(len(adv), run.world, "rollout rows")]
+        adv = rewards.clone()
+    return losses.whiten(adv) if a.whiten_advantages else adv
 
 
 # ---------------------------------------------------------------- update
@@ -134,20 +133,16 @@ def group_minibatches(
     return out
 
 
-def policy_loss_fn(run: Run, rollout: Rollout, scored: Scored, advantages: torch.Tensor) -> Callable:
+def policy_loss_fn(
+    a: AlgoConfig, group_size: int, rollout: Rollout, scored: Scored, advantages: torch.Tensor
+) -> Callable:
     """The per-micro-batch loss of the configured algorithm: (logprobs (b, T), rows (b,)) -> (loss, stats)."""
-    a, G = run.cfg.algo, run.cfg.rollout.samples_per_prompt
-    mask = rollout.completion_mask
+    mask, G = rollout.completion_mask, group_size
 
     def reinforce(logp, rows):
         old = rollout.logprobs[rows] if a.clip_eps is not None else None
         return losses.reinforce_loss(
-            logp,
-            advantages[rows],
-            mask[rows],
-            aggregate=a.logprob_aggregate,
-            old_logprobs=old,
-            clip_eps=a.clip_eps,
+            logp, advantages[rows], mask[rows], a.logprob_aggregate, old_logprobs=old, clip_eps=a.clip_eps
         )
 
     def raft(logp, rows):
@@ -164,46 +159,39 @@ def policy_loss_fn(run: Run, rollout: Rollout, scored: Scored, advantages: torch
 
 
 def update_phase(run: Run, rollout: Rollout, scored: Scored, advantages: torch.Tensor) -> dict[str, float]:
-    """updates_per_batch optimizer steps over minibatches of whole groups, gradients accumulated over micro-batches."""
+    """updates_per_batch optimizer steps over minibatches of whole groups, gradients accumulated over
+    micro-batches. `advantages` are this process's rows."""
     cfg, G = run.cfg, run.cfg.rollout.samples_per_prompt
     parts = group_minibatches(rollout.num_prompts, G, cfg.algo.updates_per_batch, cfg.train.micro_batch_size)
     stats: dict[str, float] = {}
     if cfg.algo.importance_correction == "tis":
         advantages, stats = importance_corrected(run, rollout, advantages, parts)
-    loss_fn = policy_loss_fn(run, rollout, scored, advantages)
+    loss_fn = policy_loss_fn(cfg.algo, G, rollout, scored, advantages)
     if cfg.algo.name == "raft":  # best of k by KL-shaped reward; the other rows need no forward at all
-        best = scored.rewards.view(-1, G).argmax(-1) + torch.arange(rollout.num_prompts) * G
+        best = losses.best_of_group(scored.rewards.view(-1, G))
         parts = [[best[torch.isin(best, r)] for r in micros] for micros in parts]
     run.policy.train()
     for index, micros in enumerate(parts):
         total = sum(len(r) for r in micros)
         for m, rows in enumerate(micros):
             with distributed.accumulating(run.policy_train, last=m == len(micros) - 1):
-                logp = _policy_logprobs(run, rollout, rows)
+                logp = policy_logprobs(run, rollout, rows)
                 loss, loss_stats = loss_fn(logp, rows)
                 (loss * (len(rows) / total)).backward()
             if index == 0 and "mismatch/token_abs_mean" not in stats:  # still the policy the sampler used
                 stats.update(
                     logprob_mismatch(rollout.logprobs[rows], logp.detach(), rollout.completion_mask[rows])
                 )
-            _accumulate(stats, {"loss": loss, **loss_stats}, len(rows) / total / len(parts))
-        result = step_optimizer(run.policy.parameters(), run.optimizer, cfg.train.max_grad_norm)
-        stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(result.grad_norm) / len(parts)
-        stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + float(result.skipped)
-        if result.skipped:
-            run.console(f"step skipped: {result.reason}")
-    run.engine.load_weights(run.policy)
+            loop.accumulate(stats, {"loss": loss, **loss_stats}, len(rows) / total / len(parts))
+        loop.optimizer_step(run, run.policy.parameters(), stats, len(parts))
     return stats
 
 
-def _policy_logprobs(run: Run, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+def policy_logprobs(run: Run, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probs (b, T) of the rollout's `rows` under the policy being trained."""
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
     return completion_logprobs(
-        run.policy_train,
-        rollout.prompt_ids[rows],
-        rollout.prompt_mask[rows],
-        rollout.completion_ids[rows],
-        rollout.completion_mask[rows],
-        temperature=run.logprob_temperature,
+        run.policy_train, *(t[rows] for t in args), temperature=run.logprob_temperature
     )
 
 
@@ -211,46 +199,47 @@ def _policy_logprobs(run: Run, rollout: Rollout, rows: torch.Tensor) -> torch.Te
 def importance_corrected(
     run: Run, rollout: Rollout, advantages: torch.Tensor, parts: list[list[torch.Tensor]]
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Truncated importance sampling (algo.importance_correction: tis) at the sequence level.
-
-    w_b = min(exp(sum_t log pi_train(y_bt) - log pi_sampler(y_bt)), importance_cap), A_b <- w_b * A_b:
-    the gradient becomes that of samples from the trainer's own policy when the engine's numerics differ
-    (vLLM, bf16). pi_train is the policy before this batch's updates (one extra no-grad forward).
-    """
+    """Advantages times the truncated importance weights (algo.importance_correction: tis,
+    `losses.truncated_importance_weights`) of the trainer's policy before this batch's updates (one extra
+    no-grad forward) against the sampler's log-probs; with the log-prob mismatch statistics."""
     trainer = torch.zeros_like(rollout.logprobs)
     for micros in parts:
         for rows in micros:
-            trainer[rows] = _policy_logprobs(run, rollout, rows).float()
+            trainer[rows] = policy_logprobs(run, rollout, rows).float()
     mask = rollout.completion_mask
-    log_ratio = ((trainer - rollout.logprobs.float()) * mask).sum(-1)
-    weights = log_ratio.exp().clamp(max=run.cfg.algo.importance_cap)
+    weights, weight_stats = losses.truncated_importance_weights(
+        trainer, rollout.logprobs, mask, cap=run.cfg.algo.importance_cap
+    )
     stats = logprob_mismatch(rollout.logprobs, trainer, mask)
-    stats["importance_weight_mean"] = float(weights.mean())
-    stats["importance_weight_capped"] = float((log_ratio.exp() > run.cfg.algo.importance_cap).float().mean())
+    stats.update({k: float(v) for k, v in weight_stats.items()})
     return advantages * weights.to(advantages.dtype), stats
 
 
-def _accumulate(into: dict[str, float], values: dict, weight: float) -> None:
-    for k, v in values.items():
-        into[k] = into.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * weight
-
-
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the step
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
+    cfg, world = run.cfg, run.world
     t0 = time.perf_counter()
     rollout = generate_phase(run, step)
     t1 = time.perf_counter()
-    scores, components = score_phase(run, rollout)
-    scored = reference_phase(run, rollout, scores, components)
+    scores, components = score_phase(rollout, run.score, cfg.reward)
+    scored = reference_phase(run.ref, rollout, scores, components, cfg.algo, run.logprob_temperature)
     t2 = time.perf_counter()
-    if run.cfg.algo.name == "ppo":
-        stats = ppo.ppo_update(run, rollout, scored)
+    if cfg.algo.name == "ppo":
+        stats = ppo_update(run, rollout, scored.scores, scored.ref_logprobs)
     else:
-        stats = update_phase(run, rollout, scored, advantage_phase(run, scored))
+        rewards = distributed.gather_rows(scored.rewards, world)  # every process's rows
+        advantages = advantage_phase(rewards, cfg.algo, cfg.rollout.samples_per_prompt, run.state)
+        advantages = advantages[distributed.shard(len(advantages), world, "rollout rows")]  # this process's
+        stats = update_phase(run, rollout, scored, advantages)
+    run.engine.load_weights(run.policy)
     t3 = time.perf_counter()
-    tokens = int(rollout.completion_lengths.sum())
+    if cfg.output.sample_every and step % cfg.output.sample_every == 0:
+        rows = slice(0, 4)
+        run.logger.log_samples(
+            step, rollout.prompts_per_row[rows], rollout.completions[rows], scored.rewards[rows].tolist()
+        )
     metrics: dict = {
         "reward": scored.rewards.mean(),
         "score": scored.scores.mean(),
@@ -264,39 +253,84 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         "time/score_ref": t2 - t1,
         "time/update": t3 - t2,
         "time/step": t3 - t0,
-        "tokens_per_s": tokens / max(t1 - t0, 1e-9),
+        "tokens_per_s": int(rollout.completion_lengths.sum()) / max(t1 - t0, 1e-9),
         "rows_per_process": len(rollout.completions),
     }
-    metrics = distributed.mean_metrics({k: float(v) for k, v in metrics.items()}, run.world)
-    metrics["tokens_per_s"] *= run.world.size  # all processes together
-    if run.cfg.output.sample_every and step % run.cfg.output.sample_every == 0:
-        run.logger.log_samples(
-            step, rollout.prompts_per_row[:4], rollout.completions[:4], scored.rewards[:4].tolist()
-        )
+    metrics = distributed.mean_metrics({k: float(v) for k, v in metrics.items()}, world)  # over processes
+    metrics["tokens_per_s"] *= world.size  # all processes together
     return {k: float(v) for k, v in metrics.items()}
 
 
+# ---------------------------------------------------------------- evaluation, summary: the loop's hooks
+
+
+@torch.inference_mode()
+def evaluate(run: Run, step: int) -> dict:
+    """Greedy completions of held-out prompts: mean reward (the paper selects by test reward), KL and length.
+
+    With several processes each evaluates its share of the prompts (all of them when the count does not
+    split evenly) and the per-prompt results are gathered; rank 0 writes them."""
+    if run.eval_prompts is None:
+        return {}
+    cfg, world = run.cfg, run.world
+    prompts = run.eval_prompts.prompts[: cfg.eval.num_prompts]
+    part = distributed.shard(len(prompts), world, "") if len(prompts) % world.size == 0 else slice(None)
+    columns = {k: v[: len(prompts)][part] for k, v in run.eval_prompts.columns.items()}
+    greedy = Sampling(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
+    rollout = run.generate(prompts[part], n=1, sampling=greedy, extras=columns)
+    scores, _ = run.score(rollout.prompts_per_row, rollout.completions, **rollout.extras)
+    kl = torch.zeros_like(scores)
+    if run.ref is not None:
+        args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+        ref_logprobs = completion_logprobs(run.ref, *args)
+        kl = losses.sequence_kl(rollout.logprobs, ref_logprobs, rollout.completion_mask, kind="k1")
+    per_prompt = torch.stack(
+        [scores.float().cpu(), kl.float().cpu(), rollout.completion_lengths.float().cpu()]
+    )
+    completions = rollout.completions
+    if part != slice(None):
+        per_prompt = distributed.gather_rows(per_prompt.T.contiguous(), world).T
+        completions = distributed.gather_objects(completions, world)
+    scores, kl, lengths = per_prompt
+    result = {
+        "eval/reward": float(scores.mean()),
+        "eval/kl": float(kl.mean()),
+        "eval/length": float(lengths.mean()),
+    }
+    run.logger.log(step, result)
+    if world.is_main:
+        samples = [
+            {"prompt": p, "completion": c, "score": float(s)} for p, c, s in zip(prompts, completions, scores)
+        ]
+        (run.run_dir / "eval").mkdir(exist_ok=True)
+        text = json.dumps({**result, "samples": samples}, indent=1)
+        atomic_write_text(run.run_dir / "eval" / f"step_{step:06d}.json", text)
+    return result
+
+
+def is_better(result: dict, best: dict | None) -> bool:
+    """The paper selects by held-out reward."""
+    return best is None or result["eval/reward"] > best["eval/reward"]
+
+
+def summary(run: Run) -> dict:
+    """The report (rank 0, output.report) with the held-out completions before and after."""
+    if not (run.world.is_main and run.cfg.output.report):
+        return {}
+    report = write_online_report(run.run_dir, run.cfg)
+    for prompt, before, after in before_after(run.run_dir)[2]:
+        print0(f"\n{prompt}\n  before: {before.strip()}\n  after:  {after.strip()}")
+    return {"report": str(report)}
+
+
+TRAINER = loop.Trainer(step=train_step, evaluate=evaluate, is_better=is_better, summary=summary)
+
+
 def train_loop(run: Run) -> None:
-    """Steps from where the run stands (0, or the resumed step) to train.steps, checkpointing on the way."""
-    cfg = run.cfg
-    if run.start_step == 0 and cfg.eval.every:
-        run.state["eval_start"] = evaluate(run, step=0)
-    for step in range(run.start_step, cfg.train.steps):
-        set_lr(
-            run.optimizer,
-            lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule),
-        )
-        metrics = train_step(run, step)
-        run.logger.log(step + 1, metrics)
-        run.progress.update(step + 1, metrics)
-        run.state["step"] = step + 1
-        maybe_checkpoint(run, step + 1)
+    """The shared loop with the online step, from where `run` stands to train.steps."""
+    loop.train_loop(run, TRAINER)
 
 
 def train_online(cfg: RunConfig, resume: bool = False) -> dict:
     """Train a policy online from a reward; returns a summary (start and best evaluation, run directory)."""
-    run = setup_run(cfg, resume=resume)
-    train_loop(run)
-    summary = finish_run(run)
-    distributed.close_world(run.world)
-    return summary
+    return loop.train(setup_run(cfg, resume=resume), TRAINER)

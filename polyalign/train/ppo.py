@@ -1,7 +1,7 @@
 """PPO, the reference point of arXiv:2402.14740: token-level actions, a learned critic, GAE and a clipped ratio.
 
-Per-token reward: r_t = -beta * kl_t for every completion token, plus the reward-model score at the last
-token, so sum_t r_t equals the sequence-level KL-shaped reward the REINFORCE family uses. Advantages come
+Per-token reward (`losses.token_rewards`): r_t = -beta * kl_t for every completion token, plus the score at
+the last token, so sum_t r_t equals the sequence-level KL-shaped reward the REINFORCE family uses. Advantages come
 from GAE(gamma, lambda) on the critic's values; the policy takes `ppo_epochs` passes over shuffled
 minibatches with the clipped surrogate, and the critic a (clipped) squared error to the GAE returns.
 The old log-probs are the sampler's (the rollout is on-policy), so no extra forward is spent on them.
@@ -13,7 +13,8 @@ import torch
 
 from polyalign import losses
 from polyalign.logprobs import completion_logprobs, value_forward
-from polyalign.train.loop import step_optimizer
+from polyalign.train import loop
+from polyalign.types import Rollout
 
 
 def build_value_model(cfg, policy: torch.nn.Module) -> torch.nn.Module:
@@ -29,27 +30,19 @@ def build_value_model(cfg, policy: torch.nn.Module) -> torch.nn.Module:
     return model.to(policy.device).train()
 
 
-def token_rewards(
-    scores: torch.Tensor, kl_per_token: torch.Tensor, mask: torch.Tensor, beta: float
-) -> torch.Tensor:
-    """(B, T): -beta * kl_t on completion tokens and the score added at each row's last completion token."""
-    rewards = -beta * kl_per_token * mask
-    last = (mask.sum(-1) - 1).clamp(min=0)
-    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
-
-
-def ppo_update(run, rollout, scored) -> dict[str, float]:
+def ppo_update(
+    run, rollout: Rollout, scores: torch.Tensor, ref_logprobs: torch.Tensor | None
+) -> dict[str, float]:
+    """`ppo_epochs` passes over shuffled minibatches of this process's rollout rows (policy and critic)."""
     cfg, a = run.cfg, run.cfg.algo
     args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
     mask = rollout.completion_mask
     with torch.no_grad():
         old_values = value_forward(run.value_train, *args)  # (B, T)
-        kl_t = (
-            losses.kl_estimate(rollout.logprobs, scored.ref_logprobs, kind=a.kl_estimator)
-            if scored.ref_logprobs is not None
-            else torch.zeros_like(rollout.logprobs)
-        )
-        rewards = token_rewards(scored.scores, kl_t, mask, a.kl_coef)
+        kl_t = torch.zeros_like(rollout.logprobs)
+        if ref_logprobs is not None:
+            kl_t = losses.kl_estimate(rollout.logprobs, ref_logprobs, kind=a.kl_estimator)
+        rewards = losses.token_rewards(scores, kl_t, mask, a.kl_coef)  # (B, T)
         advantages, returns = losses.gae_advantages(
             rewards, old_values, mask, gamma=a.gamma, lam=a.gae_lambda
         )
@@ -74,20 +67,13 @@ def ppo_update(run, rollout, scored) -> dict[str, float]:
                 pl, pstats = losses.ppo_clip_loss(
                     logp, rollout.logprobs[rows], advantages[rows], mask[rows], clip_eps=a.ppo_clip_eps
                 )
+                values = value_forward(run.value_train, *sub)
                 vl, vstats = losses.value_loss(
-                    value_forward(run.value_train, *sub),
-                    old_values[rows],
-                    returns[rows],
-                    mask[rows],
-                    clip_eps=a.value_clip_eps,
+                    values, old_values[rows], returns[rows], mask[rows], clip_eps=a.value_clip_eps
                 )
                 loss = pl + a.value_coef * vl
                 (loss * (len(rows) / len(rows_mb))).backward()
-                weight = len(rows) / len(rows_mb) / n_updates
-                for k, v in {"loss": loss, "policy_loss": pl, "value_loss": vl, **pstats, **vstats}.items():
-                    stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * weight
-            result = step_optimizer(params, run.optimizer, cfg.train.max_grad_norm)
-            stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(result.grad_norm) / n_updates
-            stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + float(result.skipped)
-    run.engine.load_weights(run.policy)
+                terms = {"loss": loss, "policy_loss": pl, "value_loss": vl, **pstats, **vstats}
+                loop.accumulate(stats, terms, len(rows) / len(rows_mb) / n_updates)
+            loop.optimizer_step(run, params, stats, n_updates)
     return stats
