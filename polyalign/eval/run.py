@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polyalign.config import ConfigError, dump_yaml, load_config
+from polyalign.config import ConfigError, check, dump_yaml, load_config
 from polyalign.data.io import DataError, JsonlWriter, get_field, read_table
 from polyalign.eval import metrics
-from polyalign.eval.config import EvalRunConfig, GenerationConfig, JudgeConfig, SideConfig, _check
+from polyalign.eval.config import EvalRunConfig, GenerationConfig, JudgeConfig, SideConfig
 from polyalign.eval.prompts import (
     EvalPrompt,
     exact_match,
@@ -51,7 +51,7 @@ def load_prompts(cfg: EvalRunConfig) -> tuple[list[EvalPrompt], str]:
             f"XSafety {p.languages or 'all languages'}, "
             f"{p.categories or 'the 13 unsafe categories'}, first {p.per_group or 'all'} per group",
         )
-    _check(not p.categories, "prompts.categories applies to xsafety only")
+    check(not p.categories, "prompts.categories applies to xsafety only")
     if p.source == "mgsm":
         return load_mgsm(
             langs, p.per_group
