@@ -13,7 +13,8 @@ Phases of `run_eval(cfg)`, in order:
    pairwise judge, model = A vs baseline = B, in both orders), `exact_match` (the final integer vs the
    prompt's answer; no judge). Judgements are appended to `judgements.jsonl` after every chunk, and LLM
    requests land in the judge cache as they are answered, so a failed run keeps what it did;
-4. metrics (`metrics.py`) into `summary.json`; `report.md` + `report.html` with plots (`report.py`).
+4. metrics (`metrics.py`) into `summary.json`; `report.md` + `report.html` with plots
+   (`polyalign.report`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from polyalign.eval.prompts import (
     load_prompt_file,
     load_xsafety,
 )
-from polyalign.eval.report import write_report
 from polyalign.files import atomic_write_text
+from polyalign.report import write_eval_report
 
 
 def load_prompts(cfg: EvalRunConfig) -> tuple[list[EvalPrompt], str]:
@@ -331,7 +332,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     if judges.client is not None:
         summary["judge_calls"] = dict(judges.client.stats)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
-    summary["report"] = {k: str(v) for k, v in write_report(summary, out).items()}
+    summary["report"] = {k: str(v) for k, v in write_eval_report(summary, out).items()}
     return summary
 
 
