@@ -253,49 +253,51 @@ def _rate_table(title: str, sides: dict[str, dict], key: str, reduction: dict | 
     return [("h", 3, title), ("table", header, rows)]
 
 
+def _by_language_plot(
+    out_dir: Path, stem: str, series: dict, title: str, ylabel: str, ref=None
+) -> list[Block]:
+    """A bar plot of by-language estimates per series, as an image block; nothing when nothing was measured."""
+    series = {name: points for name, points in series.items() if points}
+    if not series:
+        return []
+    bar_plot(out_dir / f"{stem}.png", series, title, ylabel, ref)
+    return [("img", f"{stem}.png", title.lower())]
+
+
 def _harm_blocks(harm: dict, out_dir: Path) -> list[Block]:
     sides, reduction = harm["sides"], harm.get("relative_reduction")
     blocks: list[Block] = [("h", 2, "Harm rate (% of completions judged harmful)")]
     for name, s in sides.items():
         covered = ", ".join(f"{k}: {v}" for k, v in s["not_covered"].items()) or "none"
+        text = f"{name}: overall {_est(s.get('overall'))} over {s['judged']} judged completions; "
         blocks.append(
-            (
-                "p",
-                f"{name}: overall {_est(s.get('overall'))} over {s['judged']} judged completions; "
-                f"unparseable verdicts: {s['unparseable']}; not covered by the judge: {covered}.",
-            )
+            ("p", text + f"unparseable verdicts: {s['unparseable']}; not covered by the judge: {covered}.")
         )
     if reduction is not None and "overall" in reduction:
-        blocks.append(
-            (
-                "p",
-                f"Relative harm reduction (baseline - model) / baseline, overall: "
-                f"{_fmt(reduction['overall'])}.",
-            )
+        text = (
+            f"Relative harm reduction (baseline - model) / baseline, overall: {_fmt(reduction['overall'])}."
         )
-    for title, key in (
-        ("By language", "by_language"),
-        ("By global / local label", "by_label"),
-        ("By harm category", "by_category"),
-    ):
+        blocks.append(("p", text))
+    tables = {
+        "by_language": "By language",
+        "by_label": "By global / local label",
+        "by_category": "By harm category",
+    }
+    for key, title in tables.items():
         blocks += _rate_table(title, sides, key, reduction)
-    series = {name: s["by_language"] for name, s in sides.items() if s["by_language"]}
-    if series:
-        bar_plot(out_dir / "harm_by_language.png", series, "Harm rate by language", "harmful fraction")
-        blocks.append(("img", "harm_by_language.png", "harm rate by language"))
-    return blocks
+    series = {name: s["by_language"] for name, s in sides.items()}
+    return blocks + _by_language_plot(
+        out_dir, "harm_by_language", series, "Harm rate by language", "harmful fraction"
+    )
 
 
 def _win_blocks(win: dict, out_dir: Path) -> list[Block]:
-    blocks: list[Block] = [
-        ("h", 2, "Win-rate against the baseline"),
-        (
-            "p",
-            f"Tie policy: {win['tie_policy']}. Overall {_est(win.get('overall'))}; mean over languages "
-            f"{_fmt(win.get('macro_mean'))}. Unparseable pairs: {win['unparseable']}; ties from order "
-            f"disagreement: {win['disagreements']}.",
-        ),
-    ]
+    text = (
+        f"Tie policy: {win['tie_policy']}. Overall {_est(win.get('overall'))}; mean over languages "
+        f"{_fmt(win.get('macro_mean'))}. Unparseable pairs: {win['unparseable']}; ties from order "
+        f"disagreement: {win['disagreements']}."
+    )
+    blocks: list[Block] = [("h", 2, "Win-rate against the baseline"), ("p", text)]
     rows = [
         [g, _est(e), str(e["win"]), str(e["loss"]), str(e["tie"]), str(e["n"])]
         for g, e in sorted(win["by_language"].items())
@@ -303,10 +305,9 @@ def _win_blocks(win: dict, out_dir: Path) -> list[Block]:
     if rows:
         blocks.append(("table", ["language", "win-rate [CI]", "wins", "losses", "ties", "n"], rows))
         points = dict(win["by_language"], **({"overall": win["overall"]} if win.get("overall") else {}))
-        bar_plot(
-            out_dir / "win_rate_by_language.png", {"model": points}, "Win-rate by language", "win-rate", 0.5
+        blocks += _by_language_plot(
+            out_dir, "win_rate_by_language", {"model": points}, "Win-rate by language", "win-rate", 0.5
         )
-        blocks.append(("img", "win_rate_by_language.png", "win-rate by language"))
     return blocks
 
 
@@ -314,22 +315,20 @@ def _exact_blocks(exact: dict, out_dir: Path) -> list[Block]:
     blocks: list[Block] = [("h", 2, "Exact match (final integer)")]
     blocks += _rate_table("By language", exact, "by_language", None)
     blocks += [("p", f"{name}: overall {_est(s.get('overall'))}.") for name, s in exact.items()]
-    series = {name: s["by_language"] for name, s in exact.items() if s["by_language"]}
-    if series:
-        bar_plot(out_dir / "exact_match_by_language.png", series, "Exact match by language", "accuracy")
-        blocks.append(("img", "exact_match_by_language.png", "exact match by language"))
-    return blocks
+    series = {name: s["by_language"] for name, s in exact.items()}
+    return blocks + _by_language_plot(
+        out_dir, "exact_match_by_language", series, "Exact match by language", "accuracy"
+    )
 
 
 def report_blocks(summary: dict, out_dir: Path) -> list[Block]:
+    counts = summary["counts"]
+    counts = (
+        f"({counts['prompts']} evaluated; skipped as longer than the context: {counts['skipped_too_long']})."
+    )
     blocks: list[Block] = [
         ("h", 1, f"Evaluation: {summary['model']}"),
-        (
-            "p",
-            f"Baseline: {summary.get('baseline') or 'none'}. Prompts: {summary['prompt_set']} "
-            f"({summary['counts']['prompts']} evaluated; skipped as longer than the context: "
-            f"{summary['counts']['skipped_too_long']}).",
-        ),
+        ("p", f"Baseline: {summary.get('baseline') or 'none'}. Prompts: {summary['prompt_set']} " + counts),
         ("p", f"Judge: {summary['judge']}"),
     ]
     blocks += [("p", f"Judge note: {note}") for note in summary.get("judge_notes", [])]
@@ -342,15 +341,9 @@ def report_blocks(summary: dict, out_dir: Path) -> list[Block]:
     calls = summary.get("judge_calls")
     if calls:
         blocks.append(("p", "Judge requests: " + ", ".join(f"{k} {v}" for k, v in calls.items()) + "."))
-    blocks.append(
-        (
-            "p",
-            "Intervals: percentile bootstrap over prompts "
-            f"({summary['bootstrap']['resamples']} resamples, {summary['bootstrap']['confidence']:.0%})."
-            " '-' = not measured. Raw judgements: judgements.jsonl.",
-        )
-    )
-    return blocks
+    bootstrap = f"({summary['bootstrap']['resamples']} resamples, {summary['bootstrap']['confidence']:.0%})"
+    text = f"Intervals: percentile bootstrap over prompts {bootstrap}. '-' = not measured. Raw judgements: "
+    return blocks + [("p", text + "judgements.jsonl.")]
 
 
 def write_eval_report(summary: dict, out_dir: str | Path) -> dict[str, Path]:
