@@ -264,7 +264,7 @@ class HFChatBackend:
 
     def __init__(
         self, model: Any, tokenizer: Any, name: str = "local", use_chat_template: bool | None = None
-    ):
+    ) -> None:
         from polyalign.rollout.hf import HFEngine
 
         self.engine, self.tokenizer, self.name = HFEngine(model, tokenizer), tokenizer, name
