@@ -195,60 +195,53 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the dataclasses."""
 
 
+def check(ok: bool, message: str) -> None:
+    """The one validation step of every config module: raise ConfigError(message) unless ok."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_choice(value: str, where: str, options: tuple[str, ...]) -> None:
+    check(value in options, f"{where}: {value!r} not in {'|'.join(options)}")
+
+
 def validate(cfg: RunConfig) -> None:
-    a, r = cfg.algo, cfg.rollout
-    _check(
+    a, r, t = cfg.algo, cfg.rollout, cfg.train
+    check(
         a.name in ONLINE_ALGORITHMS,
         f"algo.name: unknown algorithm {a.name!r}; choose from {ONLINE_ALGORITHMS}",
     )
     if a.name in ("rloo", "copg", "raft"):
-        _check(
+        check(
             r.samples_per_prompt >= 2,
             f"rollout.samples_per_prompt must be >= 2 for {a.name} (got {r.samples_per_prompt})",
         )
-    _check(
-        a.kl_estimator in ("k1", "k2", "k3", "abs"),
-        f"algo.kl_estimator: {a.kl_estimator!r} not in k1|k2|k3|abs",
-    )
-    _check(a.kl_aggregate in ("sum", "mean"), f"algo.kl_aggregate: {a.kl_aggregate!r} not in sum|mean")
-    _check(
-        a.logprob_aggregate in ("sum", "token_mean"),
-        f"algo.logprob_aggregate: {a.logprob_aggregate!r} not in sum|token_mean",
-    )
-    _check(
-        a.copg_form in ("surrogate", "squared"), f"algo.copg_form: {a.copg_form!r} not in surrogate|squared"
-    )
-    _check(a.kl_coef >= 0, "algo.kl_coef must be >= 0")
+    check_choice(a.kl_estimator, "algo.kl_estimator", ("k1", "k2", "k3", "abs"))
+    check_choice(a.kl_aggregate, "algo.kl_aggregate", ("sum", "mean"))
+    check_choice(a.logprob_aggregate, "algo.logprob_aggregate", ("sum", "token_mean"))
+    check_choice(a.copg_form, "algo.copg_form", ("surrogate", "squared"))
+    check(a.kl_coef >= 0, "algo.kl_coef must be >= 0")
     batch = r.prompts_per_step * r.samples_per_prompt
-    _check(
+    check(
         a.updates_per_batch >= 1 and r.prompts_per_step % a.updates_per_batch == 0,
         f"rollout.prompts_per_step ({r.prompts_per_step}) must be a multiple of algo.updates_per_batch "
         f"({a.updates_per_batch}) so every minibatch holds whole groups",
     )
-    _check(r.engine in ("hf", "vllm"), f"rollout.engine: {r.engine!r} not in hf|vllm")
-    _check(
+    check_choice(r.engine, "rollout.engine", ("hf", "vllm"))
+    check(
         r.max_new_tokens >= 1 and r.temperature >= 0 and 0 < r.top_p <= 1,
         "rollout: need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1",
     )
-    _check(
-        cfg.train.schedule in ("constant", "linear", "cosine"),
-        f"train.schedule: {cfg.train.schedule!r} not in constant|linear|cosine",
-    )
-    _check(cfg.train.steps >= 1 and cfg.train.lr > 0, "train: need steps >= 1 and lr > 0")
-    _check(
-        cfg.train.micro_batch_size >= 0 and cfg.train.micro_batch_size <= batch,
-        f"train.micro_batch_size must be in 0..{batch}",
-    )
-    _check(
-        cfg.model.dtype in ("float32", "bfloat16", "float16"),
-        f"model.dtype: {cfg.model.dtype!r} not in float32|bfloat16|float16",
-    )
-    _check(bool(cfg.reward.functions), "reward.functions: give at least one reward")
-    _check(
+    check_choice(t.schedule, "train.schedule", ("constant", "linear", "cosine"))
+    check(t.steps >= 1 and t.lr > 0, "train: need steps >= 1 and lr > 0")
+    check(0 <= t.micro_batch_size <= batch, f"train.micro_batch_size must be in 0..{batch}")
+    check_choice(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+    check(bool(cfg.reward.functions), "reward.functions: give at least one reward")
+    check(
         a.importance_correction in ("none", "tis") and a.importance_cap >= 1.0,
         f"algo.importance_correction: {a.importance_correction!r} not in none|tis (importance_cap >= 1)",
     )
-    _check(
+    check(
         0 < r.vllm.gpu_memory_utilization < 1 and r.vllm.max_model_len >= 0,
         "rollout.vllm: need 0 < gpu_memory_utilization < 1 and max_model_len >= 0",
     )
@@ -257,27 +250,16 @@ def validate(cfg: RunConfig) -> None:
 
 
 def validate_output(o: OutputConfig) -> None:
-    _check(
-        o.checkpoint_format in ("full", "sharded"),
-        f"output.checkpoint_format: {o.checkpoint_format!r} not in full|sharded",
-    )
+    check_choice(o.checkpoint_format, "output.checkpoint_format", ("full", "sharded"))
 
 
 def validate_model(m: ModelConfig) -> None:
     """Checks shared by online and offline configs."""
-    _check(m.parallel in ("ddp", "fsdp"), f"model.parallel: {m.parallel!r} not in ddp|fsdp")
+    check_choice(m.parallel, "model.parallel", ("ddp", "fsdp"))
     if m.lora is not None:
-        _check(m.lora.r >= 1 and m.lora.alpha > 0, "model.lora: need r >= 1 and alpha > 0")
-        _check(0 <= m.lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {m.lora.dropout}")
-        _check(
-            m.lora.save in ("adapter", "merged", "both"),
-            f"model.lora.save: {m.lora.save!r} not in adapter|merged|both",
-        )
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+        check(m.lora.r >= 1 and m.lora.alpha > 0, "model.lora: need r >= 1 and alpha > 0")
+        check(0 <= m.lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {m.lora.dropout}")
+        check_choice(m.lora.save, "model.lora.save", ("adapter", "merged", "both"))
 
 
 # ---------------------------------------------------------------- YAML <-> dataclasses

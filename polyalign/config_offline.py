@@ -16,9 +16,10 @@ from pathlib import Path
 import yaml
 
 from polyalign.config import (
-    ConfigError,
     ModelConfig,
     OutputConfig,
+    check,
+    check_choice,
     load_config,
     validate_model,
     validate_output,
@@ -130,58 +131,47 @@ class OfflineRunConfig:
         validate_offline(self)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _choice(value: str, where: str, options: tuple[str, ...]) -> None:
-    _check(value in options, f"{where}: {value!r} not in {'|'.join(options)}")
-
-
 def validate_offline(cfg: OfflineRunConfig) -> None:
     d, lo, t = cfg.data, cfg.loss, cfg.train
-    _choice(lo.name, "loss.name", OFFLINE_LOSSES)
-    _choice(d.fmt, "data.fmt", ("auto", "pairs", "hh", "sharegpt", "scored"))
-    _choice(d.on_error, "data.on_error", ("error", "skip"))
-    _choice(d.pair_strategy, "data.pair_strategy", ("best_worst", "all_pairs", "random_pairs"))
-    _choice(lo.copg_form, "loss.copg_form", ("squared", "surrogate"))
-    _choice(lo.sft_target, "loss.sft_target", ("chosen", "random"))
-    _choice(t.schedule, "train.schedule", ("constant", "linear", "cosine"))
-    _choice(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+    check_choice(lo.name, "loss.name", OFFLINE_LOSSES)
+    check_choice(d.fmt, "data.fmt", ("auto", "pairs", "hh", "sharegpt", "scored"))
+    check_choice(d.on_error, "data.on_error", ("error", "skip"))
+    check_choice(d.pair_strategy, "data.pair_strategy", ("best_worst", "all_pairs", "random_pairs"))
+    check_choice(lo.copg_form, "loss.copg_form", ("squared", "surrogate"))
+    check_choice(lo.sft_target, "loss.sft_target", ("chosen", "random"))
+    check_choice(t.schedule, "train.schedule", ("constant", "linear", "cosine"))
+    check_choice(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
     unknown = sorted(set(d.columns) - set(COLUMN_NAMES))
-    _check(not unknown, f"data.columns: unknown key(s) {unknown}; valid keys: {list(COLUMN_NAMES)}")
-    _check(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
-    _check(
+    check(not unknown, f"data.columns: unknown key(s) {unknown}; valid keys: {list(COLUMN_NAMES)}")
+    check(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    check(
         d.max_length >= 2 and 1 <= d.max_prompt_length < d.max_length,
         f"data: need max_length >= 2 and 1 <= max_prompt_length < max_length "
         f"(got {d.max_length}, {d.max_prompt_length})",
     )
-    _check(lo.beta > 0, f"loss.beta must be > 0, got {lo.beta}")
-    _check(
+    check(lo.beta > 0, f"loss.beta must be > 0, got {lo.beta}")
+    check(
         0.0 <= lo.label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}"
     )
-    _check(
-        t.steps >= 0 and t.epochs > 0, f"train: need steps >= 0 and epochs > 0 (got {t.steps}, {t.epochs})"
-    )
-    _check(
+    check(t.steps >= 0 and t.epochs > 0, f"train: need steps >= 0 and epochs > 0 (got {t.steps}, {t.epochs})")
+    check(
         t.batch_size >= 1 and t.lr > 0, f"train: need batch_size >= 1 and lr > 0 (got {t.batch_size}, {t.lr})"
     )
-    _check(
+    check(
         0 <= t.micro_batch_size <= t.batch_size,
         f"train.micro_batch_size must be in 0..{t.batch_size} (got {t.micro_batch_size})",
     )
-    _check(t.warmup_steps >= 0 and t.max_grad_norm >= 0, "train: warmup_steps and max_grad_norm must be >= 0")
-    _check(
+    check(t.warmup_steps >= 0 and t.max_grad_norm >= 0, "train: warmup_steps and max_grad_norm must be >= 0")
+    check(
         t.schedule == "constant" or t.steps == 0 or t.steps > t.warmup_steps,
         f"train: the {t.schedule} schedule needs steps ({t.steps}) > warmup_steps ({t.warmup_steps})",
     )
-    _check(cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1")
-    _check(
+    check(cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1")
+    check(
         cfg.eval.every >= 0 and cfg.eval.batch_size >= 1 and cfg.eval.max_pairs >= 0,
         "eval: need every >= 0, batch_size >= 1, max_pairs >= 0",
     )
-    _check(cfg.output.keep_last >= 1, "output.keep_last must be >= 1")
+    check(cfg.output.keep_last >= 1, "output.keep_last must be >= 1")
     validate_model(cfg.model)
     validate_output(cfg.output)
 

@@ -1,21 +1,97 @@
-"""Run reports: plots of logged metrics and a markdown summary.
+"""Reports: a training run's (plots of its logged metrics, a first/last/best table) and an evaluation's
+(report.md + report.html from the summary of `polyalign.eval.run.run_eval`, per-language bar plots).
 
-Reads a run's `metrics.jsonl` (written by `polyalign.train.logging.MetricsLogger`: one JSON object per
-line with a "step" field), plots chosen keys against step with matplotlib's Agg backend (imported lazily, so
-importing this module stays light), and writes `report.md` with the plots and a first/last/best table.
-Knows nothing about trainers or algorithms.
+A report is assembled once as a list of blocks (heading, paragraph, table, image) and rendered by `to_markdown`
+(and `to_html`), so two formats never disagree. Plots are PNGs written with matplotlib's Agg backend, imported
+lazily so importing this module stays light.
+
+Training runs: `write_run_report` reads `metrics.jsonl` (written by `polyalign.train.logging.MetricsLogger`:
+one JSON object per line with a "step" field) and plots chosen keys against step. Evaluations:
+`write_eval_report` prints the judge's `describe()` line and its notes (for the lexicon judge: which languages
+it covers and that it is a crude proxy); cells that were not measured are written "-" (absent), never 0.
+Knows nothing about trainers, algorithms, models or judges beyond the metrics file and the summary.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from polyalign.files import atomic_write_text
+
 Series = list[tuple[int, float]]  # (step, value) pairs
+Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", file name, alt)
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for block in blocks:
+        if block[0] == "h":
+            out.append("#" * block[1] + " " + block[2])
+        elif block[0] == "p":
+            out.append(block[1])
+        elif block[0] == "table":
+            header, rows = block[1], block[2]
+            out.append("\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows]))
+        else:
+            out.append(f"![{block[2]}]({block[1]})")
+    return "\n\n".join(out) + "\n"
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    e = html.escape
+    body = []
+    for block in blocks:
+        if block[0] == "h":
+            body.append(f"<h{block[1]}>{e(block[2])}</h{block[1]}>")
+        elif block[0] == "p":
+            body.append(f"<p>{e(block[1])}</p>")
+        elif block[0] == "table":
+            head = "".join(f"<th>{e(c)}</th>" for c in block[1])
+            rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in block[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        else:
+            body.append(f'<p><img src="{e(block[1])}" alt="{e(block[2])}"></p>')
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+    )
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{style}'
+        f"</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+def _save_plot(
+    path: str | os.PathLike, draw: Callable, title: str, ylabel: str, size: tuple, grid: str
+) -> Path:
+    """A PNG at `path` of what `draw(ax)` plots, with title, y label, a light `grid` ("both" | "y") and a
+    legend when `draw` returns True."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        legend = draw(ax)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(axis=grid, alpha=0.3)
+        if legend:
+            ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -50,30 +126,16 @@ def plot_series(
     """Plot one line per named series (x = step) into a PNG at `path`; returns the path."""
     if not series or not any(series.values()):
         raise ValueError(f"plot_series: nothing to plot for {title or path!r} (all series empty)")
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    try:
+    def draw(ax) -> bool:
         for name, points in series.items():
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, label=name, marker="." if len(points) < 50 else None)
         ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if len(series) > 1:
-            ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+        return len(series) > 1
+
+    return _save_plot(path, draw, title, ylabel, (6, 3.5), "both")
 
 
 def _lower_is_better(key: str) -> bool:
@@ -99,13 +161,11 @@ def _file_stem(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_") or "metric"
 
 
-def _summary_row(key: str, series: Series) -> str:
+def _summary_row(key: str, series: Series) -> list[str]:
     s = summarize(series, _lower_is_better(key))
     direction = "min" if _lower_is_better(key) else "max"
-    return (
-        f"| {key} | {s['first']:.6g} | {s['last']:.6g} | {s['best']:.6g} ({direction}) "
-        f"| {s['best_step']} | {s['n']} |"
-    )
+    values = (f"{s['first']:.6g}", f"{s['last']:.6g}", f"{s['best']:.6g} ({direction})")
+    return [key, *values, str(s["best_step"]), str(s["n"])]
 
 
 def write_run_report(
@@ -129,25 +189,167 @@ def write_run_report(
             missing.append(key)
             continue
         png = plot_series(run_dir / "plots" / f"{_file_stem(key)}.png", {key: series}, title=key, ylabel=key)
-        figures.append(f"![{key}]({png.relative_to(run_dir).as_posix()})")
+        figures.append(("img", png.relative_to(run_dir).as_posix(), key))
         rows.append(_summary_row(key, series))
-    lines = [
-        f"# {title}",
-        "",
-        f"{len(records)} metric records from `{Path(metrics_path or 'metrics.jsonl').name}`.",
+    source = Path(metrics_path or "metrics.jsonl").name
+    blocks: list[Block] = [("h", 1, title), ("p", f"{len(records)} metric records from `{source}`.")]
+    if rows:
+        blocks.append(("table", ["metric", "first", "last", "best", "best step", "points"], rows))
+    if missing:
+        blocks.append(("p", "Not logged in this run: " + ", ".join(f"`{k}`" for k in missing) + "."))
+    blocks += figures + ([("p", extra_markdown.rstrip())] if extra_markdown else [])
+    return atomic_write_text(run_dir / "report.md", to_markdown(blocks))
+
+
+def _fmt(value: float | None, pct: bool = True) -> str:
+    if value is None:
+        return "undefined"
+    return f"{100 * value:.1f}%" if pct else f"{value:.3f}"
+
+
+def _est(e: dict | None) -> str:
+    if not e:
+        return "-"
+    return f"{_fmt(e['value'])} [{_fmt(e['low'])}, {_fmt(e['high'])}]"
+
+
+def bar_plot(
+    path: Path, series: dict[str, dict[str, dict]], title: str, ylabel: str, ref: float | None = None
+) -> Path:
+    """Grouped bars: one group per key (language), one bar per series name, whiskers = [low, high]."""
+    groups = sorted({g for points in series.values() for g in points}, key=lambda g: (g == "overall", g))
+    width = 0.8 / max(1, len(series))
+
+    def draw(ax) -> bool:
+        for k, (name, points) in enumerate(series.items()):
+            xs = [i + k * width for i, g in enumerate(groups) if g in points]
+            est = [points[g] for g in groups if g in points]
+            values = [e["value"] for e in est]
+            errs = [[v - e["low"] for v, e in zip(values, est)], [e["high"] - v for v, e in zip(values, est)]]
+            ax.bar(xs, values, width, yerr=errs, capsize=3, label=name)
+        ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))], groups)
+        if ref is not None:
+            ax.axhline(ref, color="grey", linestyle="--", linewidth=1)
+        ax.set_ylim(0, 1.05)
+        return len(series) > 1
+
+    size = (max(5.0, 0.7 * len(groups) * max(1, len(series)) + 2), 3.6)
+    return _save_plot(path, draw, title, ylabel, size, "y")
+
+
+def _rate_table(title: str, sides: dict[str, dict], key: str, reduction: dict | None) -> list[Block]:
+    groups = sorted({g for s in sides.values() for g in s.get(key, {})})
+    if not groups:
+        return []
+    header = ["group", *[f"{name} rate [CI]" for name in sides], *[f"{name} n" for name in sides]]
+    header += ["relative reduction"] if reduction is not None else []
+    rows = []
+    for g in groups:
+        row = [g, *[_est(s.get(key, {}).get(g)) for s in sides.values()]]
+        row += [str(s.get(key, {}).get(g, {}).get("n", "-")) for s in sides.values()]
+        if reduction is not None:
+            row.append(_fmt(reduction[key][g]) if g in reduction.get(key, {}) else "-")
+        rows.append(row)
+    return [("h", 3, title), ("table", header, rows)]
+
+
+def _by_language_plot(
+    out_dir: Path, stem: str, series: dict, title: str, ylabel: str, ref=None
+) -> list[Block]:
+    """A bar plot of by-language estimates per series, as an image block; nothing when nothing was measured."""
+    series = {name: points for name, points in series.items() if points}
+    if not series:
+        return []
+    bar_plot(out_dir / f"{stem}.png", series, title, ylabel, ref)
+    return [("img", f"{stem}.png", title.lower())]
+
+
+def _harm_blocks(harm: dict, out_dir: Path) -> list[Block]:
+    sides, reduction = harm["sides"], harm.get("relative_reduction")
+    blocks: list[Block] = [("h", 2, "Harm rate (% of completions judged harmful)")]
+    for name, s in sides.items():
+        covered = ", ".join(f"{k}: {v}" for k, v in s["not_covered"].items()) or "none"
+        text = f"{name}: overall {_est(s.get('overall'))} over {s['judged']} judged completions; "
+        blocks.append(
+            ("p", text + f"unparseable verdicts: {s['unparseable']}; not covered by the judge: {covered}.")
+        )
+    if reduction is not None and "overall" in reduction:
+        text = (
+            f"Relative harm reduction (baseline - model) / baseline, overall: {_fmt(reduction['overall'])}."
+        )
+        blocks.append(("p", text))
+    tables = {
+        "by_language": "By language",
+        "by_label": "By global / local label",
+        "by_category": "By harm category",
+    }
+    for key, title in tables.items():
+        blocks += _rate_table(title, sides, key, reduction)
+    series = {name: s["by_language"] for name, s in sides.items()}
+    return blocks + _by_language_plot(
+        out_dir, "harm_by_language", series, "Harm rate by language", "harmful fraction"
+    )
+
+
+def _win_blocks(win: dict, out_dir: Path) -> list[Block]:
+    text = (
+        f"Tie policy: {win['tie_policy']}. Overall {_est(win.get('overall'))}; mean over languages "
+        f"{_fmt(win.get('macro_mean'))}. Unparseable pairs: {win['unparseable']}; ties from order "
+        f"disagreement: {win['disagreements']}."
+    )
+    blocks: list[Block] = [("h", 2, "Win-rate against the baseline"), ("p", text)]
+    rows = [
+        [g, _est(e), str(e["win"]), str(e["loss"]), str(e["tie"]), str(e["n"])]
+        for g, e in sorted(win["by_language"].items())
     ]
     if rows:
-        lines += [
-            "",
-            "| metric | first | last | best | best step | points |",
-            "|---|---|---|---|---|---|",
-            *rows,
-        ]
-    if missing:
-        lines += ["", "Not logged in this run: " + ", ".join(f"`{k}`" for k in missing) + "."]
-    lines += [""] + [line for fig in figures for line in (fig, "")]
-    if extra_markdown:
-        lines += [extra_markdown.rstrip(), ""]
-    report = run_dir / "report.md"
-    report.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-    return report
+        blocks.append(("table", ["language", "win-rate [CI]", "wins", "losses", "ties", "n"], rows))
+        points = dict(win["by_language"], **({"overall": win["overall"]} if win.get("overall") else {}))
+        blocks += _by_language_plot(
+            out_dir, "win_rate_by_language", {"model": points}, "Win-rate by language", "win-rate", 0.5
+        )
+    return blocks
+
+
+def _exact_blocks(exact: dict, out_dir: Path) -> list[Block]:
+    blocks: list[Block] = [("h", 2, "Exact match (final integer)")]
+    blocks += _rate_table("By language", exact, "by_language", None)
+    blocks += [("p", f"{name}: overall {_est(s.get('overall'))}.") for name, s in exact.items()]
+    series = {name: s["by_language"] for name, s in exact.items()}
+    return blocks + _by_language_plot(
+        out_dir, "exact_match_by_language", series, "Exact match by language", "accuracy"
+    )
+
+
+def report_blocks(summary: dict, out_dir: Path) -> list[Block]:
+    counts = summary["counts"]
+    counts = (
+        f"({counts['prompts']} evaluated; skipped as longer than the context: {counts['skipped_too_long']})."
+    )
+    blocks: list[Block] = [
+        ("h", 1, f"Evaluation: {summary['model']}"),
+        ("p", f"Baseline: {summary.get('baseline') or 'none'}. Prompts: {summary['prompt_set']} " + counts),
+        ("p", f"Judge: {summary['judge']}"),
+    ]
+    blocks += [("p", f"Judge note: {note}") for note in summary.get("judge_notes", [])]
+    if "harm" in summary:
+        blocks += _harm_blocks(summary["harm"], out_dir)
+    if "win_rate" in summary:
+        blocks += _win_blocks(summary["win_rate"], out_dir)
+    if "exact_match" in summary:
+        blocks += _exact_blocks(summary["exact_match"], out_dir)
+    calls = summary.get("judge_calls")
+    if calls:
+        blocks.append(("p", "Judge requests: " + ", ".join(f"{k} {v}" for k, v in calls.items()) + "."))
+    bootstrap = f"({summary['bootstrap']['resamples']} resamples, {summary['bootstrap']['confidence']:.0%})"
+    text = f"Intervals: percentile bootstrap over prompts {bootstrap}. '-' = not measured. Raw judgements: "
+    return blocks + [("p", text + "judgements.jsonl.")]
+
+
+def write_eval_report(summary: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.md, report.html and the plots into out_dir; returns {"md": path, "html": path}."""
+    out_dir = Path(out_dir)
+    blocks = report_blocks(summary, out_dir)
+    md = atomic_write_text(out_dir / "report.md", to_markdown(blocks))
+    page = atomic_write_text(out_dir / "report.html", to_html(blocks, f"Evaluation: {summary['model']}"))
+    return {"md": md, "html": page}

@@ -5,7 +5,8 @@ reply text. Two ship here:
 - `OpenAIChatBackend`: any OpenAI-compatible `/v1/chat/completions` endpoint through the `openai` client
   (`base_url`, `model`, the API key read from a NAMED environment variable; the key is never logged or
   written anywhere, not even into the cache key);
-- `HFChatBackend`: a local Hugging Face causal LM through `HFEngine`, greedy, one request at a time.
+- `HFChatBackend`: a local Hugging Face causal LM through `HFEngine`, greedy, one request at a time; it is
+  also the one local generator (chat template or plain prompts, any sampling) of eval, synth and serve.
 
 `ChatClient(backend, cache=...)` adds, for every request:
 - bounded concurrency: a thread pool of `max_workers`;
@@ -251,21 +252,57 @@ class OpenAIChatBackend:
 
 
 class HFChatBackend:
-    """A local causal LM as a chat judge: messages rendered by `polyalign.data.chat.render_prompt` (the
-    tokenizer's chat template if it has one, else the plain HH layout), then greedy decoding by HFEngine."""
+    """The one local generator: chat completions from a Hugging Face causal LM through HFEngine, used by judges
+    (as a ChatBackend: greedy, one request at a time), eval and synth generation, and `polyalign serve`.
 
-    def __init__(self, model: Any, tokenizer: Any, name: str = "local") -> None:
+    `render` builds the text the model sees. A message list goes through the tokenizer's chat template, or the
+    plain Human/Assistant layout without one (`polyalign.data.chat.render_prompt`). A bare prompt string, with
+    the template, is one user message after the optional system message; without it, the prompt as is
+    (completion style), `system` a preamble before it. `use_chat_template` None = when the tokenizer has one.
+    `generate` holds a lock: the model is shared, so one generation runs at a time.
+    """
+
+    def __init__(
+        self, model: Any, tokenizer: Any, name: str = "local", use_chat_template: bool | None = None
+    ) -> None:
         from polyalign.rollout.hf import HFEngine
 
         self.engine, self.tokenizer, self.name = HFEngine(model, tokenizer), tokenizer, name
-        self._lock = threading.Lock()  # one generation at a time: the model is shared
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        self.templated = has_template if use_chat_template is None else use_chat_template
+        self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, name_or_path: str, device: str = "cpu") -> HFChatBackend:
+    def load(
+        cls, name_or_path: str, device: str = "cpu", use_chat_template: bool | None = None
+    ) -> HFChatBackend:
         from polyalign.models import load_policy
 
         model, tokenizer = load_policy(name_or_path, device=device)
-        return cls(model.eval(), tokenizer, name=name_or_path)
+        return cls(model.eval(), tokenizer, name_or_path, use_chat_template)
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.model.config.get_text_config().max_position_embeddings
+
+    def fits(self, text: str, max_new_tokens: int) -> bool:
+        """Whether a rendered prompt leaves room for max_new_tokens in the model's context."""
+        return len(self.tokenizer(text)["input_ids"]) <= self.context_length - max_new_tokens
+
+    def render(self, prompt: str | Messages, system: str | None = None) -> str:
+        from polyalign.data.chat import render_prompt
+
+        if isinstance(prompt, list):
+            return render_prompt(self.tokenizer, prompt, self.templated)
+        if self.templated:
+            preamble = [{"role": "system", "content": system}] if system else []
+            return render_prompt(self.tokenizer, [*preamble, {"role": "user", "content": prompt}], True)
+        return f"{system}\n\n{prompt}" if system else prompt
+
+    def generate(self, texts: list[str], n: int, sampling: Any) -> Any:
+        """The Rollout of n completions per rendered text (see `HFEngine.generate`)."""
+        with self._lock:
+            return self.engine.generate(texts, n, sampling)
 
     def identity(self) -> dict[str, str]:
         return {"backend": "hf", "model": self.name}
@@ -274,13 +311,10 @@ class HFChatBackend:
         return f"local Hugging Face model {self.name!r} (greedy)"
 
     def chat(self, messages: Messages, params: dict[str, Any]) -> str:
-        from polyalign.data.chat import render_prompt
         from polyalign.types import Sampling
 
-        text = render_prompt(self.tokenizer, messages)
         sampling = Sampling(max_new_tokens=int(params.get("max_tokens", 16)), temperature=0.0)
         try:
-            with self._lock:
-                return self.engine.generate([text], 1, sampling).completions[0]
+            return self.generate([self.render(messages)], 1, sampling).completions[0]
         except ValueError as err:  # e.g. the judge prompt does not fit the model's context
             raise JudgeRequestError(f"local judge {self.name!r}: {err}") from err

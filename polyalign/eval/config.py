@@ -1,13 +1,17 @@
 """Configuration of `polyalign eval`: frozen dataclasses (the single source of truth; YAML is their serialised
 form, loaded strictly by `polyalign.config.load_config(path, overrides, cls=EvalRunConfig)`), and the
 checks that make a bad combination an error before anything runs. Imports no transformers.
+
+`EndpointConfig` is the one set of settings for reaching a chat model (an OpenAI-compatible endpoint, or a
+local model behind the same client); every config section that talks to one (the eval judge, the synth
+generators and judge, the experiment's judges) extends it, so its keys stay flat in YAML (`judge.base_url`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from polyalign.config import ConfigError
+from polyalign.config import ConfigError, check
 from polyalign.eval.metrics import TIE_POLICIES
 
 METRICS = ("harm", "win_rate", "exact_match")
@@ -54,28 +58,37 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
-class JudgeConfig:
-    kind: str = "lexicon"
-    """lexicon (offline, harm only) | openai (any OpenAI-compatible endpoint) | hf (local model) |
-    reward_model (pairwise only)."""
+class EndpointConfig:
+    kind: str = "openai"
+    """openai: any OpenAI-compatible endpoint; each section that extends this class adds its own kinds."""
     model: str = ""
-    """Judge model name (openai), name/path (hf, reward_model)."""
+    """The endpoint's model name (openai), or a local model's builtin name, path or hub id."""
     base_url: str | None = None
     """openai: endpoint, e.g. http://127.0.0.1:8000/v1; None = the OpenAI API."""
     api_key_env: str = "OPENAI_API_KEY"
     """openai: NAME of the environment variable holding the key (the key itself never goes in a config)."""
+    max_workers: int = 4
+    """Requests in flight at once."""
+    max_retries: int = 4
+    """Retries of a rate-limited, failed or timed-out request, with exponential backoff from backoff_s."""
+    timeout_s: float = 60.0
+    backoff_s: float = 1.0
+    cache: str | None = None
+    """Request cache file; a relative path is under the run's out_dir; None = no cache."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig(EndpointConfig):
+    kind: str = "lexicon"
+    """lexicon (offline, harm only) | openai (any OpenAI-compatible endpoint) | hf (local model) |
+    reward_model (pairwise only)."""
     pairwise_template: str | None = None
     """None = judges.PAIRWISE_TEMPLATE; needs {prompt} {completion_a} {completion_b}, optional {language}."""
     harm_template: str | None = None
     """None = judges.HARM_TEMPLATE; needs {prompt} {completion}, optional {language}."""
     system: str | None = None
     max_tokens: int = 16
-    max_workers: int = 4
-    max_retries: int = 4
-    timeout_s: float = 60.0
-    backoff_s: float = 1.0
     cache: str | None = "judge_cache.jsonl"
-    """Request cache; a relative path is under out_dir; None = no cache."""
     tie_margin: float = 0.0
     """reward_model: |score difference| at or below this is a tie."""
 
@@ -103,38 +116,42 @@ class EvalRunConfig:
         validate(self)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+def check_languages(codes: list[str], where: str) -> None:
+    """ConfigError unless every code is a known language (BCP-47 code or English name)."""
+    from polyalign.eval.prompts import normalise_language
+
+    for code in codes:
+        try:
+            normalise_language(code, where)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def validate(cfg: EvalRunConfig) -> None:
     has = lambda side: (side.model is not None) + (side.completions is not None)
-    _check(has(cfg.model) == 1, "model: give exactly one of model.model and model.completions")
-    _check(has(cfg.baseline) <= 1, "baseline: give at most one of baseline.model and baseline.completions")
+    check(has(cfg.model) == 1, "model: give exactly one of model.model and model.completions")
+    check(has(cfg.baseline) <= 1, "baseline: give at most one of baseline.model and baseline.completions")
     unknown = [m for m in cfg.metrics if m not in METRICS]
-    _check(
+    check(
         bool(cfg.metrics) and not unknown, f"metrics: {cfg.metrics} must be a non-empty subset of {METRICS}"
     )
     kind = cfg.judge.kind
-    _check(kind in JUDGE_KINDS, f"judge.kind: {kind!r} not in {JUDGE_KINDS}")
-    _check(
+    check(kind in JUDGE_KINDS, f"judge.kind: {kind!r} not in {JUDGE_KINDS}")
+    check(
         "harm" not in cfg.metrics or kind in _HARM_KINDS,
         f"metrics harm: judge.kind {kind!r} cannot judge harm",
     )
     if "win_rate" in cfg.metrics:
-        _check(has(cfg.baseline) == 1, "metrics win_rate: set baseline.model or baseline.completions")
-        _check(
-            kind in _PAIR_KINDS, f"metrics win_rate: judge.kind {kind!r} cannot compare; use {_PAIR_KINDS}"
-        )
-    _check(kind == "lexicon" or bool(cfg.judge.model), f"judge.model: name the {kind} judge model")
-    _check(cfg.tie_policy in TIE_POLICIES, f"tie_policy: {cfg.tie_policy!r} not in {TIE_POLICIES}")
-    _check(cfg.generation.too_long in ("skip", "error"), "generation.too_long must be skip or error")
-    _check(
+        check(has(cfg.baseline) == 1, "metrics win_rate: set baseline.model or baseline.completions")
+        check(kind in _PAIR_KINDS, f"metrics win_rate: judge.kind {kind!r} cannot compare; use {_PAIR_KINDS}")
+    check(kind == "lexicon" or bool(cfg.judge.model), f"judge.model: name the {kind} judge model")
+    check(cfg.tie_policy in TIE_POLICIES, f"tie_policy: {cfg.tie_policy!r} not in {TIE_POLICIES}")
+    check(cfg.generation.too_long in ("skip", "error"), "generation.too_long must be skip or error")
+    check(
         cfg.prompts.source != "" or cfg.model.completions is not None,
         "prompts.source '' needs model.completions",
     )
-    _check(
+    check(
         0 < cfg.confidence < 1 and cfg.bootstrap_resamples >= 1 and cfg.chunk_size >= 1,
         "need 0 < confidence < 1, bootstrap_resamples >= 1, chunk_size >= 1",
     )

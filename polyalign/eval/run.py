@@ -13,21 +13,22 @@ Phases of `run_eval(cfg)`, in order:
    pairwise judge, model = A vs baseline = B, in both orders), `exact_match` (the final integer vs the
    prompt's answer; no judge). Judgements are appended to `judgements.jsonl` after every chunk, and LLM
    requests land in the judge cache as they are answered, so a failed run keeps what it did;
-4. metrics (`metrics.py`) into `summary.json`; `report.md` + `report.html` with plots (`report.py`).
+4. metrics (`metrics.py`) into `summary.json`; `report.md` + `report.html` with plots
+   (`polyalign.report`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from polyalign.config import ConfigError, dump_yaml, load_config
+from polyalign.config import ConfigError, check, dump_yaml, load_config
 from polyalign.data.io import DataError, JsonlWriter, get_field, read_table
 from polyalign.eval import metrics
-from polyalign.eval.config import EvalRunConfig, GenerationConfig, JudgeConfig, SideConfig, _check
+from polyalign.eval.backends import HFChatBackend
+from polyalign.eval.build import build_judges
+from polyalign.eval.config import EvalRunConfig, GenerationConfig, SideConfig
 from polyalign.eval.prompts import (
     EvalPrompt,
     exact_match,
@@ -36,8 +37,8 @@ from polyalign.eval.prompts import (
     load_prompt_file,
     load_xsafety,
 )
-from polyalign.eval.report import write_report
 from polyalign.files import atomic_write_text
+from polyalign.report import write_eval_report
 
 
 def load_prompts(cfg: EvalRunConfig) -> tuple[list[EvalPrompt], str]:
@@ -51,7 +52,7 @@ def load_prompts(cfg: EvalRunConfig) -> tuple[list[EvalPrompt], str]:
             f"XSafety {p.languages or 'all languages'}, "
             f"{p.categories or 'the 13 unsafe categories'}, first {p.per_group or 'all'} per group",
         )
-    _check(not p.categories, "prompts.categories applies to xsafety only")
+    check(not p.categories, "prompts.categories applies to xsafety only")
     if p.source == "mgsm":
         return load_mgsm(
             langs, p.per_group
@@ -86,25 +87,15 @@ def read_completions(path: str, prompts: list[EvalPrompt]) -> dict[str, str]:
 def generate(
     model_name: str, prompts: list[EvalPrompt], g: GenerationConfig, seed: int
 ) -> tuple[dict, list[str]]:
-    """({prompt id: completion}, ids skipped as too long) with HFEngine."""
-    from polyalign.data.chat import render_prompt
-    from polyalign.models import load_policy
-    from polyalign.rollout.hf import HFEngine
+    """({prompt id: completion}, ids skipped as too long), from the local generator, batch b seeded seed + b."""
     from polyalign.types import Sampling
 
-    model, tokenizer = load_policy(model_name, device=g.device)
-    engine, limit = HFEngine(model.eval(), tokenizer), model.config.get_text_config().max_position_embeddings
-    use_template = g.chat_template if g.chat_template is not None else tokenizer.chat_template is not None
-    texts = {
-        p.id: render_prompt(
-            tokenizer, [{"role": "user", "content": p.prompt}] if use_template else p.prompt, use_template
-        )
-        for p in prompts
-    }
-    skipped = [i for i, t in texts.items() if len(tokenizer(t)["input_ids"]) > limit - g.max_new_tokens]
+    chat = HFChatBackend.load(model_name, g.device, g.chat_template)
+    texts = {p.id: chat.render(p.prompt) for p in prompts}
+    skipped = [i for i, t in texts.items() if not chat.fits(t, g.max_new_tokens)]
     if skipped and g.too_long == "error":
         raise ValueError(
-            f"{len(skipped)} prompt(s) do not fit {model_name}'s context of {limit} tokens with "
+            f"{len(skipped)} prompt(s) do not fit {model_name}'s context of {chat.context_length} tokens with "
             f"max_new_tokens={g.max_new_tokens}, e.g. {skipped[0]}; set generation.too_long: skip"
         )
     ids = [p.id for p in prompts if p.id not in set(skipped)]
@@ -114,51 +105,8 @@ def generate(
         sampling = Sampling(
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=seed + b
         )
-        out.update(zip(batch, engine.generate([texts[i] for i in batch], 1, sampling).completions))
+        out.update(zip(batch, chat.generate([texts[i] for i in batch], 1, sampling).completions))
     return out, skipped
-
-
-@dataclass
-class Judges:
-    harm: Any = None  # a PointwiseJudge of kind "harm"
-    pairwise: Any = None  # a PairwiseJudge
-    client: Any = None  # the ChatClient of LLM judges (for call stats)
-    notes: list[str] = field(default_factory=list)
-
-    def describe(self) -> str:
-        parts = {j.describe() for j in (self.harm, self.pairwise) if j is not None}
-        return " | ".join(sorted(parts)) or "none (exact match only)"
-
-
-def build_judges(j: JudgeConfig, out_dir: Path, needs: set[str]) -> Judges:
-    """The judges that the requested metrics need, from the judge config."""
-    from polyalign.eval import judges as J
-
-    if not needs & {"harm", "win_rate"}:
-        return Judges()
-    if j.kind == "lexicon":
-        from polyalign.eval.lexicon import LexiconHarmJudge
-
-        return Judges(harm=LexiconHarmJudge())
-    if j.kind == "reward_model":
-        from polyalign.rewards.model import RewardModelScorer
-
-        return Judges(pairwise=J.RewardModelJudge(RewardModelScorer(j.model), j.model, j.tie_margin))
-    from polyalign.eval.backends import ChatClient, HFChatBackend, OpenAIChatBackend
-
-    if j.kind == "openai":
-        backend = OpenAIChatBackend(j.model, j.base_url, j.api_key_env, j.timeout_s)
-    else:
-        backend = HFChatBackend.load(j.model)
-    cache = (
-        None if j.cache is None else (out_dir / j.cache if not Path(j.cache).is_absolute() else Path(j.cache))
-    )
-    client = ChatClient(backend, cache, j.max_workers, j.max_retries, j.backoff_s)
-    harm = J.LLMPointwiseJudge(client, "harm", j.harm_template, j.system, max_tokens=j.max_tokens)
-    pair = J.LLMPairwiseJudge(
-        client, j.pairwise_template or J.PAIRWISE_TEMPLATE, j.system, max_tokens=j.max_tokens
-    )
-    return Judges(harm=harm, pairwise=pair, client=client)
 
 
 def _base_record(p: EvalPrompt) -> dict:
@@ -336,23 +284,6 @@ def collect_completions(cfg: EvalRunConfig, prompts: list[EvalPrompt]) -> tuple[
     return completions, kept, len(skipped)
 
 
-def judge_notes(judges: Judges, prompts: list[EvalPrompt]) -> list[str]:
-    """What the reader must know about the judge for these prompts (lexicon coverage)."""
-    from polyalign.eval.lexicon import LexiconHarmJudge
-
-    if not isinstance(judges.harm, LexiconHarmJudge):
-        return []
-    langs = sorted({p.language for p in prompts})
-    covered = [lang for lang in langs if judges.harm.covers(lang)]
-    missing = [lang for lang in langs if lang not in covered]
-    return [
-        f"the lexicon judge is a crude proxy (a listed offensive word = harmful): it misses harm in clean words "
-        f"and flags innocent uses. It covers {covered or 'none'} of the evaluated languages"
-        + (f"; not covered: {missing} (no harm rate is reported for them)" if missing else "")
-        + "."
-    ]
-
-
 def run_eval(cfg: EvalRunConfig) -> dict:
     """Run an evaluation (module docstring); returns the summary written to out_dir/summary.json."""
     out = Path(cfg.out_dir)
@@ -374,7 +305,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         "baseline": side_label(cfg.baseline) if "baseline" in completions else None,
         "prompt_set": description,
         "judge": judges.describe(),
-        "judge_notes": judge_notes(judges, prompts),
+        "judge_notes": judges.notes({p.language for p in prompts}),
         "counts": {"prompts": len(prompts), "skipped_too_long": skipped},
         "bootstrap": {"resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": cfg.seed},
     }
@@ -401,7 +332,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     if judges.client is not None:
         summary["judge_calls"] = dict(judges.client.stats)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
-    summary["report"] = {k: str(v) for k, v in write_report(summary, out).items()}
+    summary["report"] = {k: str(v) for k, v in write_eval_report(summary, out).items()}
     return summary
 
 

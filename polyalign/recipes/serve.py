@@ -6,14 +6,14 @@ Endpoints (JSON, the OpenAI wire format, enough for the `openai` client and for 
   "content": ...}, "finish_reason": "stop" | "length"}], "usage": {...}}
   Honoured request fields: messages, max_tokens (or max_completion_tokens; default 64), temperature
   (default 1.0; 0 = greedy), top_p, n, seed, stop (a string or a list). `stream: true` is refused (400).
-  The messages are rendered by `polyalign.data.chat.render_prompt`: the tokenizer's chat template when it has
-  one, else the plain "\\n\\nHuman: ...\\n\\nAssistant:" layout. The `model` field of a request is echoed
-  back but does not select anything: one server serves one model.
+  The messages are rendered by the local generator (`polyalign.eval.backends.HFChatBackend`): the
+  tokenizer's chat template when it has one, else the plain "\\n\\nHuman: ...\\n\\nAssistant:" layout.
+  The `model` field of a request is echoed back but does not select anything: one server serves one model.
 Errors are JSON {"error": {"message", "type"}} with status 400 (bad request), 404 (unknown path) or 500.
 
-Generation runs through `HFEngine` under a lock (one request generates at a time; the HTTP threads still
-accept and parse concurrently). The server binds 127.0.0.1 by default. It is stdlib `http.server`: good for
-tests, local judges and demos, not a production inference server.
+Generation runs through that generator's `HFEngine` under its lock (one request generates at a time; the HTTP
+threads still accept and parse concurrently). The server binds 127.0.0.1 by default. It is stdlib
+`http.server`: good for tests, local judges and demos, not a production inference server.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ class ModelServer:
     """The model, its tokenizer and the generation lock; turns a request dict into a response dict."""
 
     def __init__(self, model: Any, tokenizer: Any, model_id: str) -> None:
-        from polyalign.rollout.hf import HFEngine
+        from polyalign.eval.backends import HFChatBackend
 
-        self.engine, self.tokenizer, self.model_id = HFEngine(model, tokenizer), tokenizer, model_id
+        self.chat_model, self.model_id = HFChatBackend(model, tokenizer, model_id), model_id
         self.lock = threading.Lock()
         self.requests = 0  # chat completions served (tests count calls with it)
 
@@ -70,8 +70,6 @@ class ModelServer:
         return sampling, n
 
     def chat(self, body: dict) -> dict:
-        from polyalign.data.chat import render_prompt
-
         if body.get("stream"):
             raise BadRequest("stream=true is not supported by polyalign serve")
         messages = body.get("messages")
@@ -79,10 +77,10 @@ class ModelServer:
             raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
         sampling, n = self._sampling(body)
         try:
-            text = render_prompt(self.tokenizer, messages)
+            text = self.chat_model.render(messages)
             with self.lock:
                 self.requests += 1
-                rollout = self.engine.generate([text], n, sampling)
+            rollout = self.chat_model.generate([text], n, sampling)
         except ValueError as err:  # bad messages, prompt longer than the context, bad sampling values
             raise BadRequest(str(err)) from None
         lengths = rollout.completion_lengths.tolist()

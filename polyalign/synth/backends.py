@@ -1,8 +1,9 @@
 """Generators, translators and scorers for synthesis, built from config over the eval backends.
 
-- `Generator.generate(prompts, seed) -> completions`: `LocalGenerator` (a causal LM through HFEngine, batched
-  and sampled), `ChatGenerator` (any `polyalign.eval.backends.ChatClient`: an OpenAI-compatible endpoint or a
-  local HF chat model, with retries, bounded concurrency and a request cache);
+- `Generator.generate(prompts, seed) -> completions`: `LocalGenerator` (a causal LM through eval's local
+  generator, batched and sampled), `ChatGenerator` (any `polyalign.eval.backends.ChatClient`, built by
+  `polyalign.eval.build`: an OpenAI-compatible endpoint or a local HF chat model, with retries, bounded
+  concurrency and a request cache);
 - `Translator.translate(texts, source_languages, target) -> texts`: `PromptTranslator` (any generator asked
   with a translation prompt) or `Seq2SeqTranslator` (NLLB or Marian through transformers);
 - `Scorer.score(prompts, completions, languages) -> [(score | None, status)]`: a reward model, the lexicon
@@ -16,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from polyalign.eval.build import build_chat_client, build_judge
 from polyalign.synth.config import TRANSLATE_TEMPLATE, BackendConfig, JudgeConfig
 
 # BCP-47 -> FLORES-200 codes used by NLLB (the Aya 23 languages and a few more).
@@ -61,33 +63,21 @@ class Scorer(Protocol):
     ) -> list[tuple[float | None, str]]: ...
 
 
-def _resolve(path: str | None, out_dir: Path) -> Path | None:
-    return None if path is None else (Path(path) if Path(path).is_absolute() else out_dir / path)
-
-
 class LocalGenerator:
-    """A local causal LM sampled through HFEngine, one batch per call; `system` is prepended as a preamble."""
+    """A local causal LM (eval's HFChatBackend), sampled, one batch per call; `system` as in its `render`."""
 
     def __init__(self, cfg: BackendConfig) -> None:
-        from polyalign.models import load_policy
-        from polyalign.rollout.hf import HFEngine
+        from polyalign.eval.backends import HFChatBackend
 
-        model, self.tokenizer = load_policy(cfg.model)
-        self.engine, self.cfg, self.name = HFEngine(model.eval(), self.tokenizer), cfg, cfg.label
-        wants = cfg.use_chat_template
-        self.templated = (self.tokenizer.chat_template is not None) if wants is None else wants
+        self.chat, self.cfg, self.name = (
+            HFChatBackend.load(cfg.model, "cpu", cfg.use_chat_template),
+            cfg,
+            cfg.label,
+        )
 
     def describe(self) -> str:
         c = self.cfg
         return f"local model {c.model!r} (temperature {c.temperature}, top_p {c.top_p}, {c.max_new_tokens} tokens)"
-
-    def _text(self, prompt: str) -> str:
-        from polyalign.data.chat import render_prompt
-
-        if self.templated:
-            system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
-            return render_prompt(self.tokenizer, [*system, {"role": "user", "content": prompt}], True)
-        return f"{self.cfg.system}\n\n{prompt}" if self.cfg.system else prompt
 
     def generate(self, prompts: list[str], seed: int) -> list[str]:
         from polyalign.types import Sampling
@@ -96,19 +86,7 @@ class LocalGenerator:
         sampling = Sampling(
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed
         )
-        return self.engine.generate([self._text(p) for p in prompts], 1, sampling).completions
-
-
-def chat_client(cfg: BackendConfig | JudgeConfig, out_dir: Path) -> Any:
-    """A ChatClient over an OpenAI-compatible endpoint (kind openai) or a local HF chat model (hf, hf_chat)."""
-    from polyalign.eval.backends import ChatClient, HFChatBackend, OpenAIChatBackend
-
-    if cfg.kind == "openai":
-        backend = OpenAIChatBackend(cfg.model, cfg.base_url, cfg.api_key_env, cfg.timeout_s)
-    else:
-        backend = HFChatBackend.load(cfg.model)
-    cache = _resolve(cfg.cache, out_dir)
-    return ChatClient(backend, cache, cfg.max_workers, cfg.max_retries, cfg.backoff_s)
+        return self.chat.generate([self.chat.render(p, c.system) for p in prompts], 1, sampling).completions
 
 
 class ChatGenerator:
@@ -209,7 +187,7 @@ def build_generator(cfg: BackendConfig, out_dir: Path) -> Generator:
     if cfg.kind == "local":
         return LocalGenerator(cfg)
     if cfg.kind in ("openai", "hf_chat"):
-        return ChatGenerator(chat_client(cfg, out_dir), cfg)
+        return ChatGenerator(build_chat_client(cfg, out_dir), cfg)
     raise ValueError(f"generator {cfg.label}: kind {cfg.kind!r} cannot generate completions")
 
 
@@ -242,15 +220,6 @@ class JudgeScorer:
 
 
 def build_scorer(cfg: JudgeConfig, out_dir: Path) -> Scorer:
-    if cfg.kind == "reward_model":
-        from polyalign.rewards.model import RewardModelScorer
-
-        return JudgeScorer(RewardModelScorer(cfg.model), f"reward_model:{cfg.model}")
-    if cfg.kind == "lexicon":
-        from polyalign.eval.lexicon import LexiconHarmJudge
-
-        return JudgeScorer(LexiconHarmJudge(), "lexicon-harm")
-    from polyalign.eval.judges import LLMPointwiseJudge
-
-    judge = LLMPointwiseJudge(chat_client(cfg, out_dir), cfg.mode)
-    return JudgeScorer(judge, f"{cfg.kind}:{cfg.model}:{cfg.mode}")
+    names = {"reward_model": f"reward_model:{cfg.model}", "lexicon": "lexicon-harm"}
+    name = names.get(cfg.kind, f"{cfg.kind}:{cfg.model}:{cfg.mode}")
+    return JudgeScorer(build_judge(cfg, cfg.mode, out_dir), name)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from polyalign.config import ConfigError
+from polyalign.config import check
+from polyalign.eval.config import EndpointConfig, check_languages
 
 GENERATOR_KINDS = ("local", "hf_chat", "openai", "seq2seq")
 JUDGE_KINDS = ("reward_model", "lexicon", "openai", "hf")
@@ -36,7 +37,7 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
-class BackendConfig:
+class BackendConfig(EndpointConfig):
     name: str = ""
     """Label in ids and provenance; default: kind:model. Must be unique among the generators."""
     kind: str = "local"
@@ -45,8 +46,6 @@ class BackendConfig:
     (translation only: an NLLB or Marian model through transformers)."""
     model: str = "stories260K"
     """Model name / path / hub id; for openai the endpoint's model name. Marian may use {src} and {tgt}."""
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
     system: str | None = None
     """A system message (chat kinds) or a preamble put before the prompt (local), e.g. a safety preamble."""
     temperature: float = 0.8
@@ -55,12 +54,6 @@ class BackendConfig:
     seed: int = 0
     use_chat_template: bool | None = None
     """local: wrap the prompt as a user message in the tokenizer's chat template; None = when it has one."""
-    max_workers: int = 4
-    max_retries: int = 4
-    timeout_s: float = 60.0
-    backoff_s: float = 1.0
-    cache: str | None = None
-    """Chat kinds: request cache file (relative = under out_dir); None = no cache."""
 
     @property
     def label(self) -> str:
@@ -81,21 +74,14 @@ class TranslateConfig:
 
 
 @dataclass(frozen=True)
-class JudgeConfig:
+class JudgeConfig(EndpointConfig):
     kind: str = "reward_model"
     """reward_model (score) | lexicon (offline harm) | openai | hf (LLM judges, see `mode`)."""
     model: str = "stories260K-sentiment-rm"
     mode: str = "score"
     """LLM judges: score (a 1-10 rating) | harm (harmful yes/no; score = 1 for safe, 0 for harmful). The
     lexicon judge is always harm."""
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    max_workers: int = 4
-    max_retries: int = 4
-    timeout_s: float = 60.0
-    backoff_s: float = 1.0
     cache: str | None = "judge_cache.jsonl"
-    """LLM judges: request cache (relative = under out_dir)."""
 
 
 @dataclass(frozen=True)
@@ -138,36 +124,21 @@ class SynthConfig:
         validate(self)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _languages(codes: list[str], where: str) -> None:
-    from polyalign.eval.prompts import normalise_language
-
-    for code in codes:
-        try:
-            normalise_language(code, where)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-
-
 def validate(cfg: SynthConfig) -> None:
-    _languages([cfg.source.language, *cfg.source.languages, *cfg.translate.languages], "synth languages")
-    _check(len(cfg.generators) >= 2, f"generators: need two or more, got {len(cfg.generators)}")
+    check_languages([cfg.source.language, *cfg.source.languages, *cfg.translate.languages], "synth languages")
+    check(len(cfg.generators) >= 2, f"generators: need two or more, got {len(cfg.generators)}")
     labels = [g.label for g in cfg.generators]
-    _check(len(set(labels)) == len(labels), f"generators: names must be unique, got {labels}")
+    check(len(set(labels)) == len(labels), f"generators: names must be unique, got {labels}")
     for g in [*cfg.generators, cfg.translate.translator]:
-        _check(g.kind in GENERATOR_KINDS, f"generator {g.label}: kind {g.kind!r} not in {GENERATOR_KINDS}")
-        _check("|" not in g.label, f"generator {g.label}: a name may not contain '|'")
-        _check(g.max_new_tokens >= 1 and g.temperature >= 0, f"generator {g.label}: bad sampling values")
+        check(g.kind in GENERATOR_KINDS, f"generator {g.label}: kind {g.kind!r} not in {GENERATOR_KINDS}")
+        check("|" not in g.label, f"generator {g.label}: a name may not contain '|'")
+        check(g.max_new_tokens >= 1 and g.temperature >= 0, f"generator {g.label}: bad sampling values")
     for g in cfg.generators:
-        _check(g.kind != "seq2seq", f"generator {g.label}: seq2seq models only translate")
-    _check("{text}" in cfg.translate.template, "translate.template must contain {text}")
+        check(g.kind != "seq2seq", f"generator {g.label}: seq2seq models only translate")
+    check("{text}" in cfg.translate.template, "translate.template must contain {text}")
     j = cfg.judge
-    _check(j.kind in JUDGE_KINDS, f"judge.kind: {j.kind!r} not in {JUDGE_KINDS}")
-    _check(j.mode in ("score", "harm"), f"judge.mode: {j.mode!r} not in score|harm")
-    _check(cfg.pairs.min_margin >= 0, "pairs.min_margin must be >= 0")
-    _check(cfg.filter.language_mismatch in ("drop", "keep"), "filter.language_mismatch: drop | keep")
-    _check(cfg.batch_size >= 1 and cfg.source.limit >= 0, "need batch_size >= 1 and source.limit >= 0")
+    check(j.kind in JUDGE_KINDS, f"judge.kind: {j.kind!r} not in {JUDGE_KINDS}")
+    check(j.mode in ("score", "harm"), f"judge.mode: {j.mode!r} not in score|harm")
+    check(cfg.pairs.min_margin >= 0, "pairs.min_margin must be >= 0")
+    check(cfg.filter.language_mismatch in ("drop", "keep"), "filter.language_mismatch: drop | keep")
+    check(cfg.batch_size >= 1 and cfg.source.limit >= 0, "need batch_size >= 1 and source.limit >= 0")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from polyalign.config import ConfigError
-from polyalign.eval.config import GenerationConfig, JudgeConfig
+from polyalign.config import check
+from polyalign.eval.config import GenerationConfig, JudgeConfig, check_languages
 
 METHODS = ("dpo", "sft_random", "sft_chosen", "dpo_sft", "rloo")
 METRICS = ("harm", "win_rate")
@@ -91,48 +91,39 @@ class ExperimentConfig:
         validate(self)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def validate(cfg: ExperimentConfig) -> None:
-    from polyalign.eval.prompts import normalise_language
-
-    for code in [*cfg.eval_languages, *(c for s in cfg.train_sets for c in s.languages)]:
-        try:
-            normalise_language(code, "experiment languages")
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    _check(bool(cfg.eval_languages), "eval_languages: give at least one evaluation language")
+    check_languages(
+        [*cfg.eval_languages, *(c for s in cfg.train_sets for c in s.languages)], "experiment languages"
+    )
+    check(bool(cfg.eval_languages), "eval_languages: give at least one evaluation language")
     for name, d in (("general", cfg.general), ("safety", cfg.safety)):
-        _check(d.synth is None or d.pairs is None, f"{name}: give synth or pairs, not both")
-    _check(cfg.general.synth is not None or cfg.general.pairs is not None, "general: give synth or pairs")
+        check(d.synth is None or d.pairs is None, f"{name}: give synth or pairs, not both")
+    check(cfg.general.synth is not None or cfg.general.pairs is not None, "general: give synth or pairs")
     names = [s.name for s in cfg.train_sets]
-    _check(bool(names) and len(set(names)) == len(names), f"train_sets: need unique names, got {names}")
+    check(bool(names) and len(set(names)) == len(names), f"train_sets: need unique names, got {names}")
     for s in cfg.train_sets:
-        _check(
+        check(
             bool(s.name) and all(ch.isalnum() or ch in "-_+." for ch in s.name),
             f"train set name {s.name!r}: use letters, digits, - _ + . only",
         )
-        _check(0.0 <= s.safety_share <= 1.0, f"train set {s.name}: safety_share must be in [0, 1]")
-        _check(
+        check(0.0 <= s.safety_share <= 1.0, f"train set {s.name}: safety_share must be in [0, 1]")
+        check(
             s.safety_label in ("all", "global", "local"), f"train set {s.name}: safety_label all|global|local"
         )
-        _check(
+        check(
             s.safety_share == 0 or cfg.safety.synth is not None or cfg.safety.pairs is not None,
             f"train set {s.name}: safety_share {s.safety_share} needs safety data (safety.synth or safety.pairs)",
         )
-        _check(s.size >= 0, f"train set {s.name}: size must be >= 0")
+        check(s.size >= 0, f"train set {s.name}: size must be >= 0")
     bad = [m for m in cfg.training.methods if m not in METHODS]
-    _check(
+    check(
         bool(cfg.training.methods) and not bad,
         f"training.methods: {cfg.training.methods} must be from {METHODS}",
     )
     bad = [m for m in cfg.eval.metrics if m not in METRICS]
-    _check(bool(cfg.eval.metrics) and not bad, f"eval.metrics: {cfg.eval.metrics} must be from {METRICS}")
-    _check(cfg.eval.harm_judge.kind in ("lexicon", "openai", "hf"), "eval.harm_judge.kind: lexicon|openai|hf")
-    _check(
+    check(bool(cfg.eval.metrics) and not bad, f"eval.metrics: {cfg.eval.metrics} must be from {METRICS}")
+    check(cfg.eval.harm_judge.kind in ("lexicon", "openai", "hf"), "eval.harm_judge.kind: lexicon|openai|hf")
+    check(
         cfg.eval.win_judge.kind in ("reward_model", "openai", "hf"),
         "eval.win_judge.kind: reward_model|openai|hf",
     )
