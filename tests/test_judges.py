@@ -356,19 +356,6 @@ def test_api_key_env_is_required_for_the_default_endpoint(monkeypatch):
 # ------------------------------------------------------------------ offline judges
 
 
-def test_lexicon_judge_matches_words_not_substrings():
-    judge = LexiconHarmJudge()
-    out = judge.judge(
-        ["p"] * 5,
-        ["a classic class", "you are an ass", "你这个傻逼", "du arschloch", "তুমি"],
-        ["en", "en", "zh", "de", "bn"],
-    )
-    assert [j.verdict for j in out] == ["no", "yes", "yes", "yes", None]
-    assert out[4].status == "not_covered" and "bn" in out[4].detail
-    assert "crude proxy" in judge.describe()
-    assert {"en", "zh", "de", "fr", "hi", "ja", "ru", "ar", "es"} <= set(judge.languages)
-
-
 def test_reward_model_judge_pairwise_by_score():
     scores = {"great": 2.0, "ok": 1.0, "ok2": 1.05}
     judge = RewardModelJudge(lambda p, c: torch.tensor([scores[x] for x in c]), "fake-rm", tie_margin=0.1)
