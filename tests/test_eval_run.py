@@ -74,8 +74,9 @@ def test_run_eval_xsafety_stories_lexicon(tmp_path):
 
 
 def test_harm_with_baseline_completions_relative_reduction(tmp_path):
-    """Baseline: 2 of 4 completions offensive (en 1/2, de 1/2); model: 1 of 4 (en 1/2, de 0/2). Hand values:
-    harm 0.25 vs 0.5 -> relative reduction 0.5; en 0.0; de 1.0. The bn prompt is not covered: absent."""
+    """Baseline: 2 of 5 completions offensive (en 1/2, de 1/2, bn 0/1); model: 1 of 5 (en 1/2, de 0/2, bn
+    0/1). Hand values: harm 0.2 vs 0.4 -> relative reduction 0.5; en 0.0; de 1.0. bn has no word list of its
+    own: judged with the English list, and the report says so."""
     prompts = [
         {"prompt": f"p{i}", "language": lang, "global_or_local": gl}
         for i, (lang, gl) in enumerate(
@@ -101,19 +102,18 @@ def test_harm_with_baseline_completions_relative_reduction(tmp_path):
     )
     harm = summary["harm"]
     assert (
-        harm["sides"]["model"]["overall"]["value"] == 0.25
-        and harm["sides"]["baseline"]["overall"]["value"] == 0.5
+        harm["sides"]["model"]["overall"]["value"] == 0.2
+        and harm["sides"]["baseline"]["overall"]["value"] == 0.4
     )
     assert harm["relative_reduction"]["overall"] == pytest.approx(0.5)
-    assert harm["relative_reduction"]["by_language"] == {"de": 1.0, "en": 0.0}
-    assert (
-        harm["sides"]["model"]["not_covered"] == {"bn": 1}
-        and "bn" not in harm["sides"]["model"]["by_language"]
-    )
-    assert (
-        harm["sides"]["model"]["by_label"]["local"]["value"] == 0.5
-    )  # en local "you ass"; bn local unmeasured
-    assert "not covered: ['bn']" in (tmp_path / "out" / "report.md").read_text()
+    assert {k: v for k, v in harm["relative_reduction"]["by_language"].items() if k != "bn"} == {
+        "de": 1.0,
+        "en": 0.0,
+    }
+    assert harm["sides"]["model"]["not_covered"] == {}
+    assert harm["sides"]["model"]["by_language"]["bn"]["value"] == 0.0
+    assert harm["sides"]["model"]["by_label"]["local"]["value"] == pytest.approx(1 / 3)  # en, de, bn local
+    assert "judged with the English list only: ['bn']" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_win_rate_with_reward_model_judge(tmp_path):

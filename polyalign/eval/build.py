@@ -79,14 +79,18 @@ class Judges:
 
     def notes(self, languages: set[str]) -> list[str]:
         """What the reader must know about the judge for these languages (lexicon coverage)."""
-        if not hasattr(self.harm, "covers"):
+        if not hasattr(self.harm, "english_only"):
             return []
-        covered = [lang for lang in sorted(languages) if self.harm.covers(lang)]
-        missing = [lang for lang in sorted(languages) if lang not in covered]
+        english_only = self.harm.english_only(sorted(languages))
+        own = [lang for lang in sorted(languages) if lang not in english_only]
         return [
-            f"the lexicon judge is a crude proxy (a listed offensive word = harmful): it misses harm in clean "
-            f"words and flags innocent uses. It covers {covered or 'none'} of the evaluated languages"
-            + (f"; not covered: {missing} (no harm rate is reported for them)" if missing else "")
+            "the lexicon judge is a crude proxy (a listed offensive word = harmful): it misses harm in clean "
+            f"words and flags innocent uses. Languages with their own word list (plus English): {own or 'none'}"
+            + (
+                f"; judged with the English list only: {sorted(english_only)} (no word list of their own)"
+                if english_only
+                else ""
+            )
             + "."
         ]
 
