@@ -119,6 +119,10 @@ def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return F.linear(x, layer.weight, layer.bias)
 
 
+def _config_value(config, key: str | None):
+    return getattr(config, key) if key else None
+
+
 class FastDecoder:
     """Prefill and decode with a static KV cache, reading the weights of a HF model of a supported family.
 
@@ -138,11 +142,10 @@ class FastDecoder:
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
-        scale_base = getattr(config, family.attn_scale_key) if family.attn_scale_key else self.head_dim
-        self.scale = scale_base**-0.5
-        self.attn_softcap = getattr(config, family.attn_softcap_key) if family.attn_softcap_key else None
-        self.final_softcap = getattr(config, family.final_softcap_key) if family.final_softcap_key else None
-        self.logit_scale = getattr(config, family.logit_scale_key) if family.logit_scale_key else None
+        self.scale = (_config_value(config, family.attn_scale_key) or self.head_dim) ** -0.5
+        self.attn_softcap = _config_value(config, family.attn_softcap_key)
+        self.final_softcap = _config_value(config, family.final_softcap_key)
+        self.logit_scale = _config_value(config, family.logit_scale_key)
         self.adjacent = family.rope_pairs == "adjacent"
         self.rope_tables = self._rope_tables(backbone, config, max_len)
         kinds = config.layer_types if family.rope_per_layer_type else [None] * len(self.blocks)
@@ -235,27 +238,19 @@ class FastDecoder:
         batch, t, _ = h.shape
         if block.qkv is not None:  # gpt-neox: per head [q | k | v]
             return _linear(h, block.qkv).view(batch, t, self.n_heads, -1).chunk(3, -1)
-        q = _linear(h, block.q).view(batch, t, self.n_heads, -1)
-        return (
-            q,
-            _linear(h, block.k).view(batch, t, self.n_kv, -1),
-            _linear(h, block.v).view(batch, t, self.n_kv, -1),
-        )
+        k, v = (_linear(h, m).view(batch, t, self.n_kv, -1) for m in (block.k, block.v))
+        return _linear(h, block.q).view(batch, t, self.n_heads, -1), k, v
 
     def _attention(self, i, block: Block, h, angles, attn_mask, start, end) -> torch.Tensor:
         batch, t, _ = h.shape
-        rows = batch
         q, k, v = self._qkv(block, h)
         if block.q_norm is not None:
             q, k = self.norm(q, block.q_norm), self.norm(k, block.k_norm)
         cos, sin = angles
-        q, k = (
-            rope(q.transpose(1, 2), cos, sin, self.adjacent),
-            rope(k.transpose(1, 2), cos, sin, self.adjacent),
-        )
-        self.k_cache[i, :rows, :, start:end] = k
-        self.v_cache[i, :rows, :, start:end] = v.transpose(1, 2)
-        keys, values = self.k_cache[i, :rows, :, :end], self.v_cache[i, :rows, :, :end]
+        q, k = (rope(x.transpose(1, 2), cos, sin, self.adjacent) for x in (q, k))
+        self.k_cache[i, :batch, :, start:end] = k
+        self.v_cache[i, :batch, :, start:end] = v.transpose(1, 2)
+        keys, values = self.k_cache[i, :batch, :, :end], self.v_cache[i, :batch, :, :end]
         groups = self.n_heads // self.n_kv
         q = q.reshape(batch, self.n_kv, groups * t, self.head_dim)  # heads h = j * g + r share KV head j
         out = attend(q, keys, values, attn_mask, self.scale, self.attn_softcap)
