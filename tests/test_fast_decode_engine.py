@@ -15,6 +15,7 @@ from transformers import (
     Phi3ForCausalLM,
 )
 
+from polyalign.rollout.fast_decode import unsupported_reason
 from polyalign.rollout.hf import HFEngine, _CachedRunner, _FastRunner
 from polyalign.types import Sampling
 from tests.test_fast_decode import _random
@@ -55,6 +56,8 @@ def test_greedy_rollouts_equal_hf_generate(stories, name):
     engine = HFEngine(model, tokenizer)
     runner = _FastRunner if name in FAST else _CachedRunner
     assert isinstance(engine._runner(3, 32), runner)
+    reason = unsupported_reason(model, 32)
+    assert reason is None if name in FAST else reason.startswith(f"model_type {name!r}: "), reason
     r = engine.generate(PROMPTS, n=1, sampling=Sampling(max_new_tokens=12, temperature=0.0))
     got = [row[:length] for row, length in zip(r.completion_ids.tolist(), r.completion_mask.sum(1).tolist())]
     assert got == hf_greedy(model, tokenizer, 12)

@@ -134,6 +134,15 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# Families that stay on the HF forward, with what their layers do that no `Family` above describes.
+NOT_DESCRIBED = {
+    "gpt2": "learned absolute positions and Conv1D projections",
+    "phi3": "fused qkv_proj and gate_up_proj, longrope scaling",
+    "olmo2": "q/k norms over all heads' features and no norm before attention or MLP",
+    "gemma3": "multimodal (Gemma3ForConditionalGeneration); its text model gemma3_text is covered",
+}
+
+
 def rope_parameters(config, family: Family) -> dict[str | None, dict]:
     """Rope parameters by layer type (one entry, key None, unless the family has them per layer type)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -166,7 +175,8 @@ def unsupported_reason(model: nn.Module, max_len: int) -> str | None:
     config = model.config
     family = FAMILIES.get(config.model_type)
     if family is None:
-        return f"model_type {config.model_type!r} not in {tuple(FAMILIES)}"
+        why = NOT_DESCRIBED.get(config.model_type, f"not in {tuple(FAMILIES)}")
+        return f"model_type {config.model_type!r}: {why}"
     reason = _config_reason(config, family, max_len)
     if reason is not None:
         return reason
