@@ -1,6 +1,7 @@
-"""fast_llama: its logits equal the HF model's (prefill and every decode step, left padding, GQA, tied and
-untied heads, qwen2 biases, mistral), it sees weight updates at once, and HFEngine gives the same rollouts on
-the fast and the HF paths and falls back to HF for models the fast path does not cover.
+"""fast_llama (= fast_decode.FastDecoder): its logits equal the HF model's (prefill and every decode step,
+left padding, GQA, tied and untied heads, qwen2 biases, llama with o_proj and MLP biases, mistral), it sees
+weight updates at once, and HFEngine gives the same rollouts on the fast and the HF paths and falls back to
+HF for models the fast path does not cover.
 Tolerance: `model_atol` (tests/conftest.py): both paths are float32 computations of the same maths that
 differ in summation order (one full-sequence forward vs token-by-token decoding, other kernels), so they may
 differ by float32 rounding compounded over the layers' reductions, on the scale of the largest logit."""
@@ -45,6 +46,7 @@ def models(stories):
         "llama-tied-mha": _random(
             type(stories[0]), tiny_llama_config(tie_word_embeddings=True, num_key_value_heads=4)
         ),
+        "llama-all-biases": _random(type(stories[0]), tiny_llama_config(attention_bias=True, mlp_bias=True)),
         "qwen2-bias": _random(Qwen2ForCausalLM, Qwen2Config(**SMALL, tie_word_embeddings=True)),
         "mistral": _random(MistralForCausalLM, MistralConfig(**SMALL, sliding_window=None)),
     }
@@ -60,7 +62,9 @@ def _batch(vocab: int, rows: int = 4, width: int = 14):
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
-@pytest.mark.parametrize("name", ["stories260K", "llama-untied", "llama-tied-mha", "qwen2-bias", "mistral"])
+@pytest.mark.parametrize(
+    "name", ["stories260K", "llama-untied", "llama-tied-mha", "llama-all-biases", "qwen2-bias", "mistral"]
+)
 def test_logits_equal_hf_prefill_and_each_decode_step(stories, name):
     model = models(stories)[name]
     assert fast_llama.unsupported_reason(model, 32) is None
