@@ -75,7 +75,7 @@ def cmd_repro(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from polyalign.eval.run import cli_eval
+    from polyalign.recipes.evaluate.run import cli_eval
 
     return cli_eval(args.config, _split_overrides(extra))
 

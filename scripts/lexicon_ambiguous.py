@@ -78,7 +78,7 @@ def write_ambiguous(rows: list[tuple[str, str, float, str]], path: Path) -> None
 
 def control_sets() -> dict[str, dict[str, list[str]]]:
     """{set name: {language: texts}}: benign sets (MGSM, dpo_demo, XSafety commonsense) and XSafety unsafe."""
-    from polyalign.eval.prompts import ASSETS, load_mgsm, load_xsafety
+    from polyalign.recipes.evaluate.prompts import ASSETS, load_mgsm, load_xsafety
 
     sets: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for p in load_mgsm():

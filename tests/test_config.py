@@ -79,7 +79,7 @@ def load_any(path: Path):
     """Each family of configs with its own loader: eval/, synth/, experiment/, offline (a `loss:` section),
     online (the rest)."""
     from polyalign.config_offline import is_offline_config, load_offline_config
-    from polyalign.eval.config import EvalRunConfig
+    from polyalign.recipes.evaluate.config import EvalRunConfig
     from polyalign.recipes.experiment.config import ExperimentConfig
     from polyalign.synth.config import SynthConfig
 

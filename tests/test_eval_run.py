@@ -10,14 +10,14 @@ import pytest
 
 from polyalign.config import ConfigError, from_dict, load_config
 from polyalign.data.io import DataError
-from polyalign.eval.prompts import (
+from polyalign.recipes.evaluate.prompts import (
     exact_match,
     extract_final_integer,
     load_mgsm,
     load_prompt_file,
     load_xsafety,
 )
-from polyalign.eval.run import EvalRunConfig, cli_eval, run_eval
+from polyalign.recipes.evaluate.run import EvalRunConfig, cli_eval, run_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from collections import defaultdict
 import pytest
 
 from polyalign.eval.lexicon import AMBIGUOUS_FILE, DEFAULT_ROOT, LexiconHarmJudge, load_ambiguous
-from polyalign.eval.prompts import load_mgsm
+from polyalign.recipes.evaluate.prompts import load_mgsm
 
 
 @pytest.fixture(scope="module")

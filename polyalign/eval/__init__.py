@@ -1,4 +1,4 @@
-"""Evaluation: judges, metrics, prompt sets, reports.
+"""Evaluation in the core: judges, their chat backends, metrics.
 
 - `judges.py`   the Judge protocols (pairwise A/B/tie with position swap; pointwise harmful yes/no or a
                 numeric score), prompt templates, verdict parsing, the LLM and reward-model judges;
@@ -9,10 +9,10 @@
                 synth and the experiment alike;
 - `lexicon.py`  the offline LDNOOBW lexicon harm judge (the default; a crude proxy);
 - `metrics.py`  win-rate with a tie policy, bootstrap intervals, harm rates per group, relative reduction;
-- `prompts.py`  prompt sets (shipped XSafety and MGSM, or a file in the Aya red-teaming layout);
-- `run.py`      `run_eval(cfg)` (its report.md / report.html: `polyalign.report.write_eval_report`)
-                and `cli_eval(config_path, overrides)`: the `polyalign eval CONFIG` command.
+- `config.py`   `EndpointConfig` (how to reach a chat model) and `JudgeConfig`.
 
+The `polyalign eval` command (prompt sets, generation, the run, its report) is an application of these, in
+the ring: `polyalign.recipes.evaluate`.
 The same judges serve judge-based rewards (`polyalign.rewards`), so there is one judge code path. This
 package never imports `polyalign.train`.
 """

@@ -1,6 +1,4 @@
-"""Configuration of `polyalign eval`: frozen dataclasses (the single source of truth; YAML is their serialised
-form, loaded strictly by `polyalign.config.load_config(path, overrides, cls=EvalRunConfig)`), and the
-checks that make a bad combination an error before anything runs. Imports no transformers.
+"""Settings for reaching a judge or a chat model: frozen dataclasses, YAML keys flat. Imports no transformers.
 
 `EndpointConfig` is the one set of settings for reaching a chat model (an OpenAI-compatible endpoint, or a
 local model behind the same client); every config section that talks to one (the eval judge, the synth
@@ -9,52 +7,12 @@ generators and judge, the experiment's judges) extends it, so its keys stay flat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from polyalign.config import ConfigError, check
-from polyalign.eval.metrics import TIE_POLICIES
+from polyalign.config import ConfigError
+from polyalign.data.languages import normalise_language
 
-METRICS = ("harm", "win_rate", "exact_match")
 JUDGE_KINDS = ("lexicon", "openai", "hf", "reward_model")
-_HARM_KINDS, _PAIR_KINDS = ("lexicon", "openai", "hf"), ("openai", "hf", "reward_model")
-
-
-@dataclass(frozen=True)
-class SideConfig:
-    model: str | None = None
-    """A model to generate with: builtin name, local folder or hub id."""
-    completions: str | None = None
-    """OR a file of completions with `prompt` and `completion` columns."""
-    label: str = ""
-    """Name in the report; default: the model name or the file name."""
-    temperature: float | None = None
-    """Overrides generation.temperature for this side (e.g. sampled model vs greedy baseline)."""
-
-
-@dataclass(frozen=True)
-class PromptSetConfig:
-    source: str = "xsafety"
-    """xsafety | mgsm | a prompt file path | "" (use model.completions, which then needs a language column)."""
-    languages: list[str] = field(default_factory=list)
-    """BCP-47 codes; empty = every language of the set."""
-    categories: list[str] = field(default_factory=list)
-    """XSafety categories; empty = the 13 unsafe ones; "commonsense" = the benign set."""
-    per_group: int = 5
-    """First N prompts per (language, category); 0 = all."""
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    """0 = greedy (the papers' evaluation setting)."""
-    top_p: float = 1.0
-    batch_size: int = 16
-    chat_template: bool | None = None
-    """Wrap prompts as a user message in the tokenizer's chat template; None = when it has one."""
-    too_long: str = "skip"
-    """Prompts that do not fit the context: skip (counted in the report) | error."""
-    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -93,65 +51,10 @@ class JudgeConfig(EndpointConfig):
     """reward_model: |score difference| at or below this is a tie."""
 
 
-@dataclass(frozen=True)
-class EvalRunConfig:
-    model: SideConfig = field(default_factory=lambda: SideConfig(model="stories260K"))
-    baseline: SideConfig = field(default_factory=SideConfig)
-    """Optional: needed for win_rate and for relative harm reduction."""
-    prompts: PromptSetConfig = field(default_factory=PromptSetConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    metrics: list[str] = field(default_factory=lambda: ["harm"])
-    """Any of harm | win_rate | exact_match."""
-    tie_policy: str = "half"
-    """Win-rate ties: half | loss | exclude (see metrics.py)."""
-    bootstrap_resamples: int = 1000
-    confidence: float = 0.95
-    seed: int = 0
-    chunk_size: int = 64
-    """Judgements are appended to judgements.jsonl after every chunk of this many items."""
-    out_dir: str = "runs/eval"
-
-    def __post_init__(self) -> None:
-        validate(self)
-
-
 def check_languages(codes: list[str], where: str) -> None:
     """ConfigError unless every code is a known language (BCP-47 code or English name)."""
-    from polyalign.eval.prompts import normalise_language
-
     for code in codes:
         try:
             normalise_language(code, where)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-
-
-def validate(cfg: EvalRunConfig) -> None:
-    has = lambda side: (side.model is not None) + (side.completions is not None)
-    check(has(cfg.model) == 1, "model: give exactly one of model.model and model.completions")
-    check(has(cfg.baseline) <= 1, "baseline: give at most one of baseline.model and baseline.completions")
-    unknown = [m for m in cfg.metrics if m not in METRICS]
-    check(
-        bool(cfg.metrics) and not unknown, f"metrics: {cfg.metrics} must be a non-empty subset of {METRICS}"
-    )
-    kind = cfg.judge.kind
-    check(kind in JUDGE_KINDS, f"judge.kind: {kind!r} not in {JUDGE_KINDS}")
-    check(
-        "harm" not in cfg.metrics or kind in _HARM_KINDS,
-        f"metrics harm: judge.kind {kind!r} cannot judge harm",
-    )
-    if "win_rate" in cfg.metrics:
-        check(has(cfg.baseline) == 1, "metrics win_rate: set baseline.model or baseline.completions")
-        check(kind in _PAIR_KINDS, f"metrics win_rate: judge.kind {kind!r} cannot compare; use {_PAIR_KINDS}")
-    check(kind == "lexicon" or bool(cfg.judge.model), f"judge.model: name the {kind} judge model")
-    check(cfg.tie_policy in TIE_POLICIES, f"tie_policy: {cfg.tie_policy!r} not in {TIE_POLICIES}")
-    check(cfg.generation.too_long in ("skip", "error"), "generation.too_long must be skip or error")
-    check(
-        cfg.prompts.source != "" or cfg.model.completions is not None,
-        "prompts.source '' needs model.completions",
-    )
-    check(
-        0 < cfg.confidence < 1 and cfg.bootstrap_resamples >= 1 and cfg.chunk_size >= 1,
-        "need 0 < confidence < 1, bootstrap_resamples >= 1, chunk_size >= 1",
-    )

@@ -34,7 +34,7 @@ def load_redteam_prompts(
 ) -> list[dict]:
     """Source records (see `stages.source_record`) from XSafety (`path="xsafety"`) or an Aya-layout file.
     A file's `id` column is used when present (ids must be unique); otherwise "<file name>:<line>"."""
-    from polyalign.eval.prompts import load_prompt_file, load_xsafety
+    from polyalign.recipes.evaluate.prompts import load_prompt_file, load_xsafety
 
     if path == "xsafety":
         prompts = load_xsafety(languages or None, categories or None, per_group)
@@ -54,7 +54,7 @@ def load_redteam_prompts(
     ]
     check_unique_ids(records, str(path))
     if languages:
-        from polyalign.eval.prompts import normalise_language
+        from polyalign.data.languages import normalise_language
 
         wanted = {normalise_language(lang, f"{path} languages") for lang in languages}
         missing = wanted - {r["language"] for r in records}

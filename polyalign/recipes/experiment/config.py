@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from polyalign.config import check
-from polyalign.eval.config import GenerationConfig, JudgeConfig, check_languages
+from polyalign.eval.config import JudgeConfig, check_languages
+from polyalign.recipes.evaluate.config import GenerationConfig
 
 METHODS = ("dpo", "sft_random", "sft_chosen", "dpo_sft", "rloo")
 METRICS = ("harm", "win_rate")

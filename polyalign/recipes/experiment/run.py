@@ -138,8 +138,8 @@ def train_rows(cfg: ExperimentConfig, sets: dict[str, dict], out: Path) -> dict[
 
 
 def _eval_prompts(cfg: ExperimentConfig):
-    from polyalign.eval.config import EvalRunConfig, PromptSetConfig
-    from polyalign.eval.run import load_prompts
+    from polyalign.recipes.evaluate.config import EvalRunConfig, PromptSetConfig
+    from polyalign.recipes.evaluate.run import load_prompts
 
     e = cfg.eval
     prompt_set = PromptSetConfig(e.prompts, list(cfg.eval_languages), list(e.categories), e.per_group)
@@ -155,7 +155,7 @@ def _eval_prompts(cfg: ExperimentConfig):
 def generate_all(cfg: ExperimentConfig, models: dict[str, str], out: Path) -> tuple[Path, dict[str, Path]]:
     """Greedy completions of every model on the evaluation prompts that fit every model's context; returns
     (the prompt file, {row: completions file})."""
-    from polyalign.eval.run import generate
+    from polyalign.recipes.evaluate.run import generate
 
     prompts = _eval_prompts(cfg)
     completions, skipped = {}, set()
@@ -186,8 +186,8 @@ def evaluate_rows(
     cfg: ExperimentConfig, prompt_file: Path, files: dict[str, Path], out: Path
 ) -> dict[str, dict]:
     """{row: {"harm": run_eval summary, "win_rate": run_eval summary}} (win-rate against the base row)."""
-    from polyalign.eval.config import EvalRunConfig, PromptSetConfig, SideConfig
-    from polyalign.eval.run import run_eval
+    from polyalign.recipes.evaluate.config import EvalRunConfig, PromptSetConfig, SideConfig
+    from polyalign.recipes.evaluate.run import run_eval
 
     e = cfg.eval
     results: dict[str, dict] = {}

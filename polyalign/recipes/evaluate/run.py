@@ -28,8 +28,9 @@ from polyalign.data.io import DataError, JsonlWriter, get_field, read_table
 from polyalign.eval import metrics
 from polyalign.eval.backends import HFChatBackend
 from polyalign.eval.build import build_judges
-from polyalign.eval.config import EvalRunConfig, GenerationConfig, SideConfig
-from polyalign.eval.prompts import (
+from polyalign.files import atomic_write_text
+from polyalign.recipes.evaluate.config import EvalRunConfig, GenerationConfig, SideConfig
+from polyalign.recipes.evaluate.prompts import (
     EvalPrompt,
     exact_match,
     extract_final_integer,
@@ -37,8 +38,7 @@ from polyalign.eval.prompts import (
     load_prompt_file,
     load_xsafety,
 )
-from polyalign.files import atomic_write_text
-from polyalign.report import write_eval_report
+from polyalign.recipes.evaluate.report import write_eval_report
 
 
 def load_prompts(cfg: EvalRunConfig) -> tuple[list[EvalPrompt], str]:
