@@ -46,6 +46,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
         summary = train_online(cfg, resume=args.resume)
         start, best, key = summary.get("eval_start"), summary.get("best_eval"), "eval/reward"
+    if cfg.output.report and int(os.environ.get("RANK", "0")) == 0:
+        from polyalign.recipes.report import before_after, write_training_report
+
+        summary["report"] = str(write_training_report(summary, cfg))
+        for prompt, before, after in [] if offline else before_after(summary["run_dir"])[2]:
+            print(f"\n{prompt}\n  before: {before.strip()}\n  after:  {after.strip()}")
     if start and best and key in start and key in best:
         print(
             f"held-out {key.split('/')[1]} {start[key]:.3f} -> best {best[key]:.3f}; report: {summary.get('report')}"

@@ -1,11 +1,11 @@
-"""Tests for polyalign.train.logging (metrics JSONL, resume truncation, progress) and polyalign.report."""
+"""Tests for polyalign.train.logging (metrics JSONL, resume truncation, progress) and polyalign.recipes.report."""
 
 import json
 
 import pytest
 import torch
 
-from polyalign.report import metric_series, plot_series, read_metrics, summarize, write_run_report
+from polyalign.recipes.report import metric_series, plot_series, read_metrics, summarize, write_run_report
 from polyalign.train.logging import MetricsLogger, NullLogger, Progress, get_rank, is_main_process, print0
 
 

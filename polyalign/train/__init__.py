@@ -5,7 +5,7 @@
 - `checkpoint.py`: crash-safe checkpoints (atomic directory rename + COMPLETE marker); `distributed.py` and
   `distributed_checkpoint.py`: processes, DDP/FSDP wrapping, gathering shards (lower layers, in that order).
 - `logging.py`: JSONL metrics logger (TensorBoard when installed), progress bar, rank-0 printing.
-- Online: `run.py` (the run holder), `online.py` (phases and step), `ppo.py`, `online_report.py`.
+- Online: `run.py` (the run holder), `online.py` (phases and step), `ppo.py`.
 - Offline: `offline_run.py` (the run holder, reference cache, summary), `offline.py` (phases, losses, step),
   `offline_data.py` (pairs).
 

@@ -18,7 +18,6 @@ from polyalign.data.chat import collate_pairs
 from polyalign.files import atomic_write_text
 from polyalign.logprobs import reference_sequence_logprobs
 from polyalign.models import load_base_classifier, load_policy, load_tokenizer, resolve_model_path
-from polyalign.report import write_run_report
 from polyalign.train import distributed, loop
 from polyalign.train.distributed import World
 from polyalign.train.distributed_checkpoint import full_model_state
@@ -166,26 +165,9 @@ def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun
     return run
 
 
-def _eval_table(run: OfflineRun) -> str:
-    rows = [
-        ("start", run.state.get("eval_start")),
-        ("best", run.state.get("best_eval")),
-        ("final", run.state.get("eval_final")),
-    ]
-    keys = sorted({k for _, r in rows if r for k in r if k.startswith("eval/")})
-    if not keys:
-        return ""
-    lines = ["| held-out | " + " | ".join(name for name, _ in rows) + " |", "|---" * (len(rows) + 1) + "|"]
-    for key in keys:
-        cells = [f"{r[key]:.4f}" if r and key in r else "" for _, r in rows]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    best = run.state.get("best_eval")
-    return "\n".join(lines) + (f"\n\nBest checkpoint: step {best['step']}." if best else "")
-
-
 def summary(run: OfflineRun) -> dict:
     """Export the final model (Hugging Face format, or the LoRA adapter/merged model) to run_dir/model, on
-    every process (FSDP gathers the weights); write the report on rank 0. The loop's closing hook."""
+    every process (FSDP gathers the weights). The loop's closing hook; `polyalign train` writes the report."""
     export = run.run_dir / "model"
     weights = full_model_state(run.model, run.world) if distributed.is_sharded(run.model) else None
     if run.world.is_main and run.cfg.model.lora is not None:  # model/adapter and/or model/merged
@@ -200,13 +182,4 @@ def summary(run: OfflineRun) -> dict:
         "data": run.data_report,
         "model": str(export),
     }
-    if run.world.is_main and cfg.output.report:
-        text = (
-            f"Loss `{cfg.loss.name}` (beta {cfg.loss.beta}), model `{cfg.model.policy}`, data `{cfg.data.train}`, "
-            f"{run.total_steps} steps of {cfg.train.batch_size} pairs.\n\n{_eval_table(run)}\n\n"
-            f"Data: `{json.dumps(run.data_report, ensure_ascii=False)}`\n"
-        )
-        keys = ("loss", "accuracy", "eval/loss", "eval/accuracy", "grad_norm")
-        title = f"polyalign offline {cfg.loss.name} run"
-        out["report"] = str(write_run_report(run.run_dir, title=title, keys=keys, extra_markdown=text))
     return out

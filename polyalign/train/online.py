@@ -27,8 +27,6 @@ from polyalign.files import atomic_write_text
 from polyalign.logprobs import completion_logprobs
 from polyalign.rollout.mismatch import logprob_mismatch
 from polyalign.train import distributed, loop
-from polyalign.train.logging import print0
-from polyalign.train.online_report import before_after, write_online_report
 from polyalign.train.ppo import ppo_update
 from polyalign.train.run import Run, setup_run
 from polyalign.types import Rollout, Sampling
@@ -314,13 +312,8 @@ def is_better(result: dict, best: dict | None) -> bool:
 
 
 def summary(run: Run) -> dict:
-    """The report (rank 0, output.report) with the held-out completions before and after."""
-    if not (run.world.is_main and run.cfg.output.report):
-        return {}
-    report = write_online_report(run.run_dir, run.cfg)
-    for prompt, before, after in before_after(run.run_dir)[2]:
-        print0(f"\n{prompt}\n  before: {before.strip()}\n  after:  {after.strip()}")
-    return {"report": str(report)}
+    """Nothing beyond the loop's summary: the report is written by `polyalign train` (recipes/report.py)."""
+    return {}
 
 
 TRAINER = loop.Trainer(step=train_step, evaluate=evaluate, is_better=is_better, summary=summary)

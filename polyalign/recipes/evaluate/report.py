@@ -2,7 +2,7 @@
 
 Prints the judge's `describe()` line and its notes (for the lexicon judge: which languages it judges with
 the English list only, and that it is a crude proxy); cells that were not measured are written "-" (absent),
-never 0. Rendering (blocks -> Markdown / HTML, plots) is `polyalign.report`'s.
+never 0. Rendering (blocks -> Markdown / HTML, plots) is `polyalign.recipes.report`'s.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from polyalign.files import atomic_write_text
-from polyalign.report import Block, _save_plot, to_html, to_markdown
+from polyalign.recipes.report import Block, _save_plot, to_html, to_markdown
 
 
 def _fmt(value: float | None, pct: bool = True) -> str:

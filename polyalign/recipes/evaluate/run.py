@@ -14,7 +14,7 @@ Phases of `run_eval(cfg)`, in order:
    prompt's answer; no judge). Judgements are appended to `judgements.jsonl` after every chunk, and LLM
    requests land in the judge cache as they are answered, so a failed run keeps what it did;
 4. metrics (`metrics.py`) into `summary.json`; `report.md` + `report.html` with plots
-   (`polyalign.report`).
+   (`polyalign.recipes.report`).
 """
 
 from __future__ import annotations

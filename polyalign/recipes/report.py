@@ -1,5 +1,6 @@
-"""Reports: a training run's (plots of its logged metrics, a first/last/best table), and the rendering that the
-evaluation report (`polyalign.recipes.evaluate.report`) shares.
+"""Reports, written after the work is done (`polyalign train` writes one when output.report is on): a training
+run's (plots of its logged metrics, a first/last/best table, held-out results, the online run's completions
+before and after), and the rendering that the evaluation report (`polyalign.recipes.evaluate.report`) shares.
 
 A report is assembled once as a list of blocks (heading, paragraph, table, image) and rendered by `to_markdown`
 (and `to_html`), so two formats never disagree. Plots are PNGs written with matplotlib's Agg backend, imported
@@ -197,3 +198,80 @@ def write_run_report(
         blocks.append(("p", "Not logged in this run: " + ", ".join(f"`{k}`" for k in missing) + "."))
     blocks += figures + ([("p", extra_markdown.rstrip())] if extra_markdown else [])
     return atomic_write_text(run_dir / "report.md", to_markdown(blocks))
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def before_after(run_dir: Path, n: int = 3) -> tuple[dict | None, dict | None, list[tuple[str, str, str]]]:
+    """First and last held-out evaluations of an online run, and n (prompt, before, after) triples."""
+    files = sorted((Path(run_dir) / "eval").glob("step_*.json"))
+    if not files:
+        return None, None, []
+    first, last = (json.loads(f.read_text()) for f in (files[0], files[-1]))
+    triples = [
+        (a["prompt"], a["completion"], b["completion"]) for a, b in zip(first["samples"], last["samples"])
+    ]
+    return first, last, triples[:n]
+
+
+def _online_text(run_dir: Path, cfg) -> str:
+    first, last, triples = before_after(run_dir)
+    lines = [
+        f"Algorithm `{cfg.algo.name}`, k = {cfg.rollout.samples_per_prompt}, beta = {cfg.algo.kl_coef}, "
+        f"policy `{cfg.model.policy}`, rewards {dict(cfg.reward.functions)}.",
+        "",
+    ]
+    if first and last:
+        lines += ["| held-out (greedy) | start | end |", "|---|---|---|"]
+        lines += [
+            f"| {k} | {first[k]:.4f} | {last[k]:.4f} |" for k in ("eval/reward", "eval/kl", "eval/length")
+        ]
+        lines += ["", "## Completions before and after", ""]
+        for prompt, before, after in triples:
+            lines += [
+                f"**Prompt:** {prompt}",
+                "",
+                f"- before: {before.strip()}",
+                f"- after: {after.strip()}",
+                "",
+            ]
+    return "\n".join(lines)
+
+
+def _offline_text(summary: dict, cfg) -> str:
+    rows = [
+        ("start", summary.get("eval_start")),
+        ("best", summary.get("best_eval")),
+        ("final", summary.get("eval_final")),
+    ]
+    keys = sorted({k for _, r in rows if r for k in r if k.startswith("eval/")})
+    table = ""
+    if keys:
+        lines = [
+            "| held-out | " + " | ".join(name for name, _ in rows) + " |",
+            "|---" * (len(rows) + 1) + "|",
+        ]
+        for key in keys:
+            lines.append(
+                f"| {key} | " + " | ".join(f"{r[key]:.4f}" if r and key in r else "" for _, r in rows) + " |"
+            )
+        best = summary.get("best_eval")
+        table = "\n".join(lines) + (f"\n\nBest checkpoint: step {best['step']}." if best else "")
+    return (
+        f"Loss `{cfg.loss.name}` (beta {cfg.loss.beta}), model `{cfg.model.policy}`, data `{cfg.data.train}`, "
+        f"{summary.get('steps')} steps of {cfg.train.batch_size} pairs.\n\n{table}\n\n"
+        f"Data: `{json.dumps(summary.get('data'), ensure_ascii=False)}`\n"
+    )
+
+
+def write_training_report(summary: dict, cfg) -> Path:
+    """run_dir/report.md (and plots) for the summary that `train_online` / `train_offline` returned."""
+    run_dir = Path(summary["run_dir"])
+    if hasattr(cfg, "loss"):  # an offline run
+        keys = ("loss", "accuracy", "eval/loss", "eval/accuracy", "grad_norm")
+        title, text = f"polyalign offline {cfg.loss.name} run", _offline_text(summary, cfg)
+    else:
+        keys, title = ("reward", "kl", "score", "length"), f"polyalign {cfg.algo.name} run"
+        text = _online_text(run_dir, cfg)
+    return write_run_report(run_dir, title=title, keys=keys, extra_markdown=text)
