@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polyalign.losses.masks import check_same_shape
+from polyalign.losses.masks import check_shapes
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -26,8 +26,7 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     group's advantages sum to 0. Gradients pass through (callers give constant rewards; `reinforce_loss`
     detaches advantages anyway).
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be (P, G), got shape {tuple(rewards.shape)}; use rewards.view(P, G)")
+    check_shapes("P G", rewards=rewards)
     group_size = rewards.shape[1]
     if group_size < 2:
         raise ValueError(f"RLOO needs a group size G >= 2 completions per prompt, got G={group_size}")
@@ -89,8 +88,7 @@ def best_of_group(rewards: torch.Tensor) -> torch.Tensor:
 
     Shapes: rewards (P, G), group-major. Returns (P,) long indices into the flattened (P * G,) rows.
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be (P, G), got shape {tuple(rewards.shape)}; use rewards.view(P, G)")
+    check_shapes("P G", rewards=rewards)
     num_prompts, group_size = rewards.shape
     return rewards.argmax(-1) + torch.arange(num_prompts, device=rewards.device) * group_size
 
@@ -115,7 +113,7 @@ def gae_advantages(
     Typically rewards_t = -beta * kl_t plus the score on the last real token. Returns (advantages, returns),
     both (B, T), detached, 0 on padding.
     """
-    check_same_shape(rewards=rewards, values=values, mask=mask)
+    check_shapes("B T", rewards=rewards, values=values, mask=mask)
     real = mask.bool()
     if (real[:, 1:] & ~real[:, :-1]).any():
         raise ValueError("mask must be right padded (no real token after a padding position) for GAE")

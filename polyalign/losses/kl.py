@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from polyalign.losses.masks import check_choice, check_same_shape, fill_padding, masked_mean, masked_sum
+from polyalign.losses.masks import check_choice, check_shapes, fill_padding, masked_mean, masked_sum
 
 KL_KINDS = ("k1", "k2", "k3", "abs")
 
@@ -27,7 +27,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     `sequence_kl`.
     """
     check_choice("kind", kind, KL_KINDS)
-    check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    check_shapes(logprobs=logprobs, ref_logprobs=ref_logprobs)
     d = logprobs - ref_logprobs
     if kind == "k1":
         return d
@@ -52,7 +52,7 @@ def sequence_kl(
     log pi(y|x) - log pi_ref(y|x), the sequence log-ratio of SPEC 1.1 Eq. 3/4.
     """
     check_choice("aggregate", aggregate, ("sum", "mean"))
-    check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    check_shapes("B T", logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
     # Padding is zeroed before the estimate so garbage there cannot overflow exp() in k3.
     per_token = kl_estimate(fill_padding(logprobs, mask), fill_padding(ref_logprobs, mask), kind)
     if aggregate == "sum":
@@ -79,10 +79,7 @@ def kl_shaped_rewards(
     Detached because RLOO/REINFORCE treat R as a return: the gradient of E[R] through the -beta log pi term
     is already in R * grad log pi (SPEC 1.1, CoPG Appx. A Eqs. 47-49).
     """
-    if scores.dim() != 1 or scores.shape[0] != logprobs.shape[0]:
-        raise ValueError(
-            f"scores must be (B,) with B = logprobs.shape[0] = {logprobs.shape[0]}, got {tuple(scores.shape)}"
-        )
+    check_shapes("B", scores=scores, logprobs_rows=logprobs.shape[:1])
     with torch.no_grad():
         kl = sequence_kl(logprobs, ref_logprobs, mask, kind=kind, aggregate=aggregate)
         # At least float32, so bf16 log-probs do not round the rewards.
@@ -102,7 +99,8 @@ def token_rewards(
     Shapes: scores (B,), kl_per_token (B, T) (e.g. `kl_estimate`), mask (B, T) right padded. Returns (B, T).
     A row with no real token gets its score at t = 0.
     """
-    check_same_shape(kl_per_token=kl_per_token, mask=mask)
+    check_shapes("B T", kl_per_token=kl_per_token, mask=mask)
+    check_shapes("B", scores=scores, mask_rows=mask.shape[:1])
     rewards = -beta * kl_per_token * mask
     last = (mask.sum(-1) - 1).clamp(min=0)  # (B,) index of each row's last completion token
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))

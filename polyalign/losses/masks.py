@@ -17,12 +17,16 @@ import torch
 AGGREGATES = ("sum", "token_mean", "batch_token_mean")
 
 
-def check_same_shape(**tensors: torch.Tensor) -> None:
-    """Raise ValueError naming the arguments when the given tensors do not all have one shape."""
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    if len(set(shapes.values())) > 1:
+def check_shapes(dims: str = "", **tensors: torch.Tensor | torch.Size) -> None:
+    """Raise ValueError naming the arguments unless all `tensors` (or shapes) have one shape, with as many
+    dimensions as `dims` has letters ("B T", "P G"; only the number of dimensions is checked)."""
+    shapes = {name: tuple(getattr(t, "shape", t)) for name, t in tensors.items()}
+    letters = tuple(dims.split())
+    if len(set(shapes.values())) > 1 or (letters and len(next(iter(shapes.values()))) != len(letters)):
         listed = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
-        raise ValueError(f"shape mismatch: {listed}; these must have the same shape")
+        expected = str(letters).replace("'", "") if letters else ""  # e.g. "(B,)", "(B, T)"
+        expected = f"one shape {expected}".strip() if len(shapes) > 1 else expected
+        raise ValueError(f"shape mismatch: {listed}; expected {expected}")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -31,9 +35,16 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {choices}")
 
 
+def check_positive(**values: float | None) -> None:
+    """Raise ValueError naming the first hyper-parameter that is given (not None) and not > 0."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
 def fill_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`x` with 0 on padding, so inf/NaN there cannot reach exp(), a square or a gradient."""
-    check_same_shape(x=x, mask=mask)
+    check_shapes(x=x, mask=mask)
     return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -76,8 +87,7 @@ def whiten(
 def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, aggregate: str) -> torch.Tensor:
     """Reduce per-token terms (B, T) to a scalar with one of AGGREGATES (see the table above)."""
     check_choice("aggregate", aggregate, AGGREGATES)
-    if per_token.dim() != 2:
-        raise ValueError(f"per-token terms must be (B, T), got shape {tuple(per_token.shape)}")
+    check_shapes("B T", per_token=per_token, mask=mask)
     if aggregate == "sum":
         return masked_sum(per_token, mask, dim=-1).mean()
     if aggregate == "token_mean":

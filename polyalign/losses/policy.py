@@ -13,7 +13,8 @@ import torch
 from polyalign.losses.masks import (
     aggregate_tokens,
     check_choice,
-    check_same_shape,
+    check_positive,
+    check_shapes,
     fill_padding,
     masked_mean,
     masked_sum,
@@ -23,13 +24,6 @@ from polyalign.losses.masks import (
 def _float(x: torch.Tensor) -> torch.Tensor:
     """At least float32, so bf16/fp16 log-probs are reduced in full precision (gradients still flow)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _check_sequence_advantages(advantages: torch.Tensor, logprobs: torch.Tensor) -> None:
-    if advantages.shape != logprobs.shape[:1]:
-        raise ValueError(
-            f"advantages must be (B,) = ({logprobs.shape[0]},), one per sequence, got {tuple(advantages.shape)}"
-        )
 
 
 def reinforce_loss(
@@ -57,19 +51,18 @@ def reinforce_loss(
     and with a ratio ratio_mean, ratio_max and clip_frac (fraction of sequences whose clipped term is active).
     """
     check_choice("aggregate", aggregate, ("sum", "token_mean"))
-    check_same_shape(logprobs=logprobs, mask=mask)
-    _check_sequence_advantages(advantages, logprobs)
+    check_shapes("B T", logprobs=logprobs, mask=mask)
+    check_shapes("B", advantages=advantages, logprobs_rows=logprobs.shape[:1])
     if clip_eps is not None and old_logprobs is None:
         raise ValueError("clip_eps needs old_logprobs: clipping acts on the ratio pi / pi_old")
-    if clip_eps is not None and not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    check_positive(clip_eps=clip_eps)
     reduce = masked_sum if aggregate == "sum" else masked_mean
     advantages = _float(advantages.detach())
     seq_logprobs = reduce(_float(logprobs), mask, dim=-1)  # (B,)
     stats = {"advantage_mean": advantages.mean(), "logprob_mean": seq_logprobs.detach().mean()}
     if old_logprobs is None:
         return -(advantages * seq_logprobs).mean(), stats
-    check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs)
+    check_shapes(logprobs=logprobs, old_logprobs=old_logprobs)
     old_seq_logprobs = reduce(_float(old_logprobs.detach()), mask, dim=-1)  # (B,)
     ratio = torch.exp(seq_logprobs - old_seq_logprobs)  # (B,)
     objective = ratio * advantages
@@ -96,8 +89,8 @@ def truncated_importance_weights(
     Shapes: logprobs, sampler_logprobs, mask (B, T). Returns (weights (B,) float32, no gradient; stats:
     importance_weight_mean, importance_weight_capped = fraction of rows whose weight hit the cap).
     """
-    check_same_shape(logprobs=logprobs, sampler_logprobs=sampler_logprobs, mask=mask)
-    ratio = ((logprobs.float() - sampler_logprobs.float()) * mask).sum(-1).exp()  # (B,)
+    check_shapes("B T", logprobs=logprobs, sampler_logprobs=sampler_logprobs, mask=mask)
+    ratio = masked_sum(logprobs.float() - sampler_logprobs.float(), mask, dim=-1).exp()  # (B,)
     weights = ratio.clamp(max=cap)
     return weights, {
         "importance_weight_mean": weights.mean(),
@@ -126,14 +119,12 @@ def ppo_clip_loss(
     Returns (loss, stats): clip_frac (tokens whose clipped term is active), ratio_mean, approx_kl
     (k3 estimate of KL(pi_old || pi): mean of r - 1 - log r), all over real tokens.
     """
-    if not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
-    check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
+    check_positive(clip_eps=clip_eps)
+    check_shapes("B T", logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
     advantages = _float(advantages.detach())
-    if advantages.dim() == 1:
-        _check_sequence_advantages(advantages, logprobs)
-        advantages = advantages[:, None].expand(logprobs.shape)
-    check_same_shape(advantages=advantages, logprobs=logprobs)
+    if advantages.dim() == 1:  # one per sequence, broadcast over its tokens
+        advantages = advantages[:, None].expand(-1, logprobs.shape[1])
+    check_shapes(advantages=advantages, logprobs=logprobs)
     log_ratio = fill_padding(_float(logprobs) - _float(old_logprobs.detach()), mask)  # (B, T)
     advantages = fill_padding(advantages, mask)
     ratio = torch.exp(log_ratio)
@@ -167,9 +158,8 @@ def value_loss(
     Shapes: values, old_values, returns, mask (B, T); old_values and returns are detached inside.
     Returns (loss, stats): value_mean, value_error (mean |V - R|), and with clipping value_clip_frac.
     """
-    check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
-    if clip_eps is not None and not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps}")
+    check_shapes("B T", values=values, old_values=old_values, returns=returns, mask=mask)
+    check_positive(clip_eps=clip_eps)
     values = fill_padding(_float(values), mask)
     returns = fill_padding(_float(returns.detach()), mask)
     error = (values - returns) ** 2  # (B, T)
@@ -197,7 +187,6 @@ def sft_loss(
 
     Shapes: logprobs, mask (B, T). Returns (loss, stats): nll (= loss), tokens (number of real tokens).
     """
-    check_same_shape(logprobs=logprobs, mask=mask)
     loss = aggregate_tokens(-_float(logprobs), mask, aggregate)
     stats = {"nll": loss.detach(), "tokens": mask.bool().sum().float()}
     return loss, stats

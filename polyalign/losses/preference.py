@@ -13,30 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from polyalign.losses.masks import check_choice, check_same_shape
+from polyalign.losses.masks import check_choice, check_positive, check_shapes
 
 
-def _check_beta(beta: float) -> None:
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-
-
-def _pair_logratios(
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a_chosen, a_rejected), each (B,), with the reference detached."""
-    check_same_shape(
-        chosen_logps=chosen_logps,
-        rejected_logps=rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-    )
-    if chosen_logps.dim() != 1:
-        raise ValueError(f"sequence log-probs must be (B,), got shape {tuple(chosen_logps.shape)}")
-    return chosen_logps - ref_chosen_logps.detach(), rejected_logps - ref_rejected_logps.detach()
+def _pair_logratios(*logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_chosen, a_rejected), each (B,), from the chosen, rejected, ref_chosen and ref_rejected log-probs."""
+    check_shapes("B", **dict(zip(("chosen", "rejected", "ref_chosen", "ref_rejected"), logps, strict=True)))
+    chosen, rejected, ref_chosen, ref_rejected = logps
+    return chosen - ref_chosen.detach(), rejected - ref_rejected.detach()
 
 
 def dpo_loss(
@@ -57,7 +41,7 @@ def dpo_loss(
     Shapes: all inputs (B,) sequence log-probs. Returns (loss, stats): chosen_reward, rejected_reward
     (beta * a, means), reward_margin (mean beta * h), accuracy (fraction with beta * h > 0).
     """
-    _check_beta(beta)
+    check_positive(beta=beta)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     chosen_ratio, rejected_ratio = _pair_logratios(
@@ -96,23 +80,19 @@ def ipo_loss(
 
     Shapes: log-probs (B,). Returns (loss, stats): margin (mean h), target (1/(2 beta)), accuracy (h > 0).
     """
-    _check_beta(beta)
-    if length_normalize:
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("length_normalize=True needs chosen_lengths and rejected_lengths")
-        check_same_shape(
-            chosen_logps=chosen_logps, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths
-        )
-        if (chosen_lengths <= 0).any() or (rejected_lengths <= 0).any():
-            raise ValueError("completion lengths must be > 0 to length-normalise log-probs")
-        chosen_logps, ref_chosen_logps = chosen_logps / chosen_lengths, ref_chosen_logps / chosen_lengths
-        rejected_logps, ref_rejected_logps = (
-            rejected_logps / rejected_lengths,
-            ref_rejected_logps / rejected_lengths,
-        )
+    check_positive(beta=beta)
     chosen_ratio, rejected_ratio = _pair_logratios(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
+    if length_normalize:  # (log pi - log pi_ref) / n, i.e. both log-probs divided by the length n
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("length_normalize=True needs chosen_lengths and rejected_lengths")
+        check_shapes(
+            chosen_ratio=chosen_ratio, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths
+        )
+        if (chosen_lengths <= 0).any() or (rejected_lengths <= 0).any():
+            raise ValueError("completion lengths must be > 0 to length-normalise log-probs")
+        chosen_ratio, rejected_ratio = chosen_ratio / chosen_lengths, rejected_ratio / rejected_lengths
     margin = chosen_ratio - rejected_ratio  # (B,)
     target = 1.0 / (2.0 * beta)
     losses = (margin - target) ** 2
@@ -152,10 +132,10 @@ def copg_loss(
     Returns (loss, stats): copg_objective (mean l_CoPG, to be maximised), weight_mean (mean |R_beta(y) -
     R_beta(y')|), reward_diff (mean |DR|), logratio_diff (mean Da).
     """
-    _check_beta(beta)
+    check_positive(beta=beta)
     check_choice("form", form, ("squared", "surrogate"))
     logratio, logratio_prime = _pair_logratios(logps, logps_prime, ref_logps, ref_logps_prime)
-    check_same_shape(logps=logps, rewards=rewards, rewards_prime=rewards_prime)
+    check_shapes(logps=logps, rewards=rewards, rewards_prime=rewards_prime)
     reward_diff = (rewards - rewards_prime).detach().to(logratio.dtype)  # (B,)
     logratio_diff = logratio - logratio_prime  # (B,)
     residual = reward_diff - beta * logratio_diff  # (B,) = R_beta(y) - R_beta(y')
@@ -193,10 +173,10 @@ def copg_group_loss(
     Shapes: logps, ref_logps, rewards (P, G), G >= 2, group-major. Returns (loss, stats): copg_objective
     (mean over prompts of 1/(G-1) sum_{i>j} l_CoPG(y_i, y_j)), weight_mean (mean |x_i - mean x|).
     """
-    _check_beta(beta)
+    check_positive(beta=beta)
     check_choice("form", form, ("squared", "surrogate"))
-    check_same_shape(logps=logps, ref_logps=ref_logps, rewards=rewards)
-    if logps.dim() != 2 or logps.shape[1] < 2:
+    check_shapes("P G", logps=logps, ref_logps=ref_logps, rewards=rewards)
+    if logps.shape[1] < 2:
         raise ValueError(f"inputs must be (P, G) with G >= 2, got shape {tuple(logps.shape)}")
     group_size = logps.shape[1]
     logratio = logps - ref_logps.detach()  # (P, G)
@@ -227,7 +207,7 @@ def bradley_terry_loss(
     Shapes: scores (B,). Returns (loss, stats): accuracy (fraction s_chosen > s_rejected), margin (mean
     s_chosen - s_rejected), chosen_score and rejected_score (means).
     """
-    check_same_shape(chosen_scores=chosen_scores, rejected_scores=rejected_scores)
+    check_shapes(chosen_scores=chosen_scores, rejected_scores=rejected_scores)
     diff = chosen_scores - rejected_scores  # (B,)
     logits = diff if margin is None else diff - margin
     loss = -F.logsigmoid(logits).mean()
