@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -40,36 +41,55 @@ def test_raising_reward_is_reported_with_its_name():
     def broken(prompts, completions, **cols):
         raise KeyError("no such column")
 
-    with pytest.raises(RewardError, match=r"reward 'my_rule' raised KeyError.*no such column"):
+    with pytest.raises(RewardError, match=r"reward function my_rule raised KeyError.*no such column"):
         score_all({"ok": const([1.0, 2.0, 3.0]), "my_rule": broken}, None, PROMPTS, COMPLETIONS)
 
 
 @pytest.mark.parametrize(
-    "bad, got",
+    "bad, message",
     [
-        (torch.zeros(2), r"got \(2,\)"),
-        (torch.zeros(3, 1), r"got \(3, 1\)"),
-        ([0.0, 1.0, 2.0], "got list"),
+        (torch.zeros(2), "returned 2 values for 3 completions"),
+        ([0.0, 1.0], "returned 2 values for 3 completions"),
+        (torch.zeros(3, 1), r"returned a tensor of shape \(3, 1\); expected \(3,\)"),
+        ({"a": 1.0}, r"returned dict; expected 3 floats"),
+        ([0.0, "1.0", 2.0], "returned a non-number at row 1: '1.0'"),
+        ([0.0, 1.0, None], "returned a non-number at row 2: None"),
+        (torch.zeros(3, dtype=torch.complex64), "returned a tensor of dtype torch.complex64"),
     ],
 )
-def test_wrong_shape_or_type_names_reward_expected_and_got(bad, got):
-    with pytest.raises(ValueError, match=rf"reward 'shape_rule'.*\(3,\).*{got}"):
+def test_wrong_length_shape_or_type_names_the_function(bad, message):
+    with pytest.raises(ValueError, match=rf"^reward function shape_rule {message}"):
         score_all({"shape_rule": lambda p, c, **k: bad}, None, PROMPTS, COMPLETIONS)
 
 
-def test_nan_and_inf_name_reward_and_rows():
-    fn = const([1.0, float("nan"), float("inf")])
-    with pytest.raises(ValueError, match=r"reward 'nan_rule' returned NaN/Inf at rows \[1, 2\]"):
-        score_all({"nan_rule": fn}, None, PROMPTS, COMPLETIONS)
-    total, parts = score_all({"nan_rule": fn}, None, PROMPTS, COMPLETIONS, nan_policy="zero")
-    assert total.tolist() == [1.0, 0.0, 0.0] and parts["nan_rule"].tolist() == [1.0, 0.0, 0.0]
+def list_reward(prompts, completions, **columns):
+    return [1.0, 2.0, 3.0]  # TRL's contract: a list of floats; three, whatever the number of completions
 
 
-def test_check_scores_converts_ints_and_rejects_bad_policy():
+def test_list_of_floats_is_accepted_and_its_length_checked():
+    """TRL's list[float] works like a tensor; a wrong length names the function by its spec."""
+    fns = {"tests.test_rewards:list_reward": build_reward("tests.test_rewards:list_reward")}
+    total, parts = score_all(fns, None, PROMPTS, COMPLETIONS)
+    assert (
+        total.tolist() == [1.0, 2.0, 3.0] and parts["tests.test_rewards:list_reward"].dtype == torch.float32
+    )
+    assert check_scores([1, True, 0.5], 3, "mixed").tolist() == [1.0, 1.0, 0.5]  # ints and bools are numbers
+    message = "reward function tests.test_rewards:list_reward returned 3 values for 4 completions"
+    with pytest.raises(ValueError, match=message):
+        score_all(fns, None, PROMPTS + ["Q4"], COMPLETIONS + ["dddd"])
+
+
+@pytest.mark.parametrize(
+    "values", [[1.0, float("nan"), float("inf")], torch.tensor([1.0, float("nan"), -math.inf])]
+)
+def test_nan_and_inf_name_function_and_rows(values):
+    with pytest.raises(ValueError, match=r"reward function nan_rule returned NaN/Inf at rows \[1, 2\]"):
+        score_all({"nan_rule": lambda p, c, **k: values}, None, PROMPTS, COMPLETIONS)
+
+
+def test_check_scores_converts_ints():
     out = check_scores(torch.tensor([1, 0, 2]), 3, "ints")
     assert out.dtype == torch.float32 and out.tolist() == [1.0, 0.0, 2.0]
-    with pytest.raises(ValueError, match="nan_policy"):
-        check_scores(torch.zeros(3), 3, "x", nan_policy="ignore")
 
 
 def test_prompt_and_column_lengths_are_checked():

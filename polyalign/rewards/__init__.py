@@ -2,23 +2,20 @@
 
 Contract. A reward function (RewardFn) is any callable
 
-    fn(prompts: list[str], completions: list[str], **columns) -> torch.Tensor  # (B,) float
+    fn(prompts: list[str], completions: list[str], **columns) -> list[float] | torch.Tensor  # B scores
 
-where B = len(completions), prompts[i] is the prompt of completions[i] (repeated G times for a group),
-and `columns` are extra per-row dataset columns (each a list of length B, e.g. `answer`). A reward
-function should accept and ignore columns it does not use (`**columns`). Rules live in `rules.py`, the
-reward-model scorer in `model.py`.
+where B = len(completions), prompts[i] is the prompt of completions[i] (repeated G times for a group), and
+`columns` are extra per-row dataset columns (each a list of length B, e.g. `answer`) that a reward function
+should accept and ignore when unused (`**columns`). A list of floats is TRL's contract; a (B,) tensor is
+ours. `check_scores` turns either into a (B,) float32 tensor; a function that raises, returns the wrong
+number of values, a non-number or NaN/Inf is an error naming the function and what came back. Rules live
+in `rules.py`, the reward-model scorer in `model.py`.
 
-Validation happens in one place, `check_scores`: a reward that raises, returns something other than a
-(B,) tensor, or returns NaN/Inf is reported with the reward's name, what was expected and what came back.
+A "package.module:function" reward spec imports and runs the code it names, so a config that names one
+runs that code: train only from configs you trust.
 
-Combination. `score_all(fns, weights, prompts, completions, **columns)` returns `(total, components)`:
-total (B,) = sum_f weights[f] * scores_f, and components {name: (B,) raw unweighted scores} for logging.
-Trainers call `score_all` so that every sub-reward can be logged. `combine(fns, weights)` wraps the same
-computation as a single RewardFn (total only) for callers that just need one callable. Both are pure:
-no hidden state is kept between calls.
-
-This module must not know about trainers, rollouts or token ids: rewards see text only.
+`score_all` returns the weighted total and every raw component (for logging); `combine` wraps it as a
+single RewardFn. This module must not know about trainers, rollouts or token ids: rewards see text only.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,7 +31,7 @@ import torch
 
 from polyalign.rewards import rules
 
-RewardFn = Callable[..., torch.Tensor]
+RewardFn = Callable[..., torch.Tensor | list[float]]
 
 # name -> factory(**kwargs) -> RewardFn. Reward models are built with the "model:<name_or_path>" spec.
 REWARDS: dict[str, Callable[..., RewardFn]] = {
@@ -43,8 +41,6 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "length_penalty": rules.length_penalty,
     "lexicon_sentiment": rules.lexicon_sentiment,
 }
-
-NAN_POLICIES = ("error", "zero")
 
 
 class RewardError(RuntimeError):
@@ -97,33 +93,28 @@ def _import_reward(spec: str, kwargs: dict[str, Any]) -> RewardFn:
     return fn(**kwargs) if kwargs else fn
 
 
-def check_scores(scores: Any, n: int, name: str, nan_policy: str = "error") -> torch.Tensor:
-    """Validate what reward `name` returned for `n` completions; return (n,) float32 on CPU, detached.
-
-    nan_policy: "error" (default) raises on NaN/Inf naming the rows; "zero" replaces them with 0.
-    Integer and bool tensors are converted to float32.
-    """
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+def check_scores(scores: Any, n: int, name: str) -> torch.Tensor:
+    """What reward function `name` returned for `n` completions, as (n,) float32 on CPU, detached."""
+    where = f"reward function {name}"
+    if isinstance(scores, torch.Tensor) and scores.dim() != 1:
+        raise ValueError(f"{where} returned a tensor of shape {tuple(scores.shape)}; expected ({n},)")
+    if not isinstance(scores, torch.Tensor | list | tuple):
+        raise ValueError(
+            f"{where} returned {type(scores).__name__}; expected {n} floats (a list or a tensor)"
+        )
+    if len(scores) != n:
+        raise ValueError(f"{where} returned {len(scores)} values for {n} completions")
+    if isinstance(scores, torch.Tensor) and not (scores.is_floating_point() or scores.dtype in _INT_DTYPES):
+        raise ValueError(f"{where} returned a tensor of dtype {scores.dtype}; expected real numbers")
     if not isinstance(scores, torch.Tensor):
-        raise ValueError(
-            f"reward {name!r} must return a torch.Tensor of shape ({n},), got {type(scores).__name__}"
-        )
-    if scores.shape != (n,):
-        raise ValueError(
-            f"reward {name!r} must return shape ({n},) (one score per completion), got {tuple(scores.shape)}"
-        )
-    if scores.is_complex() or not (scores.is_floating_point() or scores.dtype in _INT_DTYPES):
-        raise ValueError(f"reward {name!r} must return a real-valued tensor, got dtype {scores.dtype}")
+        odd = next((i for i, v in enumerate(scores) if not isinstance(v, numbers.Real)), None)
+        if odd is not None:
+            raise ValueError(f"{where} returned a non-number at row {odd}: {scores[odd]!r:.80}")
+        scores = torch.tensor([float(v) for v in scores])
     scores = scores.detach().to(device="cpu", dtype=torch.float32)
-    bad = ~torch.isfinite(scores)
-    if bad.any():
-        if nan_policy == "error":
-            rows = bad.nonzero().flatten().tolist()
-            raise ValueError(
-                f"reward {name!r} returned NaN/Inf at rows {rows[:20]}{' ...' if len(rows) > 20 else ''}"
-            )
-        scores = torch.where(bad, torch.zeros_like(scores), scores)
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{where} returned NaN/Inf at rows {bad[:20]}{' ...' if len(bad) > 20 else ''}")
     return scores
 
 
@@ -135,7 +126,6 @@ def score_all(
     weights: Mapping[str, float] | None,
     prompts: Sequence[str],
     completions: Sequence[str],
-    nan_policy: str = "error",
     **columns: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Score completions with every reward; return (total (B,), {name: raw scores (B,)}).
@@ -150,12 +140,9 @@ def score_all(
             f"got {len(prompts)} prompts for {n} completions; repeat each prompt once per completion"
         )
     for key, col in columns.items():
-        if isinstance(col, str) or not hasattr(col, "__len__") or len(col) != n:
-            got = (
-                "a string"
-                if isinstance(col, str)
-                else f"length {len(col) if hasattr(col, '__len__') else '?'}"
-            )
+        length = len(col) if hasattr(col, "__len__") and not isinstance(col, str) else None
+        if length != n:
+            got = type(col).__name__ if length is None else f"length {length}"
             raise ValueError(
                 f"column {key!r} must be a sequence of length {n} (one value per completion), got {got}"
             )
@@ -164,8 +151,8 @@ def score_all(
         try:
             raw = fn(list(prompts), list(completions), **columns)
         except Exception as e:
-            raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
-        components[name] = check_scores(raw, n, name, nan_policy)
+            raise RewardError(f"reward function {name} raised {type(e).__name__}: {e}") from e
+        components[name] = check_scores(raw, n, name)
     total = torch.zeros(n, dtype=torch.float32)  # (B,)
     for name, scores in components.items():
         total = total + weights[name] * scores
@@ -194,26 +181,12 @@ def _check_weights(fns: Mapping[str, RewardFn], weights: Mapping[str, float] | N
     return out
 
 
-def combine(
-    fns: Mapping[str, RewardFn], weights: Mapping[str, float] | None = None, nan_policy: str = "error"
-) -> RewardFn:
+def combine(fns: Mapping[str, RewardFn], weights: Mapping[str, float] | None = None) -> RewardFn:
     """One RewardFn returning the weighted sum of `fns` (use `score_all` to also get the components)."""
     fns, checked = dict(fns), _check_weights(fns, weights)
 
     def combined(prompts: list[str], completions: list[str], **columns: Any) -> torch.Tensor:
-        total, _ = score_all(fns, checked, prompts, completions, nan_policy=nan_policy, **columns)
+        total, _ = score_all(fns, checked, prompts, completions, **columns)
         return total
 
     return combined
-
-
-__all__ = [
-    "REWARDS",
-    "NAN_POLICIES",
-    "RewardError",
-    "RewardFn",
-    "build_reward",
-    "check_scores",
-    "combine",
-    "score_all",
-]
