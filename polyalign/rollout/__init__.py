@@ -16,9 +16,6 @@ ENGINES: dict[str, str] = {
     "vllm": "polyalign.rollout.vllm:VLLMEngine",
 }
 
-# Which pip extra provides the third-party package each backend needs.
-_EXTRAS: dict[str, str] = {"vllm": "vllm"}
-
 
 @runtime_checkable
 class Engine(Protocol):
@@ -39,22 +36,10 @@ class Engine(Protocol):
 def build_engine(name: str, model: Any, tokenizer: Any, **options: Any) -> Engine:
     """Build the engine registered under `name` (see ENGINES) for this model and tokenizer.
 
-    `options` go to the engine's constructor (e.g. the fields of `rollout.vllm` for the vLLM engine).
+    `options` go to the engine's constructor (e.g. the fields of `rollout.vllm` for the vLLM engine). A
+    backend's third-party package is imported by its constructor, which names the extra that provides it.
     """
     if name not in ENGINES:
         raise ValueError(f"unknown rollout engine {name!r}; choose one of {sorted(ENGINES)}")
     module_name, class_name = ENGINES[name].split(":")
-    extra = _EXTRAS.get(name)
-    hint = f" (pip install 'polyalign[{extra}]')" if extra else ""
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        missing = err.name or ""
-        if extra and (missing == extra or missing.startswith(extra + ".")):
-            raise ImportError(f"rollout engine {name!r} needs the {extra!r} package{hint}") from err
-        if missing == module_name:
-            raise ImportError(
-                f"rollout engine {name!r} is not available: {module_name} is missing{hint}"
-            ) from err
-        raise
-    return getattr(module, class_name)(model, tokenizer, **options)
+    return getattr(importlib.import_module(module_name), class_name)(model, tokenizer, **options)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from polyalign.losses.masks import check_shapes
+
 
 def logprob_mismatch(
     sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor
@@ -26,11 +28,7 @@ def logprob_mismatch(
             e or below 1/e), the ones a truncated importance weight would cap or shrink.
     Sequences without real tokens count as D = 0.
     """
-    if not (sampler_logprobs.shape == trainer_logprobs.shape == mask.shape) or mask.dim() != 2:
-        raise ValueError(
-            "logprob_mismatch needs three (B, T) tensors of one shape, got sampler "
-            f"{tuple(sampler_logprobs.shape)}, trainer {tuple(trainer_logprobs.shape)}, mask {tuple(mask.shape)}"
-        )
+    check_shapes("B T", sampler_logprobs=sampler_logprobs, trainer_logprobs=trainer_logprobs, mask=mask)
     real = mask.bool()
     if not bool(real.any()):
         raise ValueError("logprob_mismatch: the mask has no real tokens")

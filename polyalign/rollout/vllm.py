@@ -1,27 +1,20 @@
 """VLLMEngine: rollouts from vLLM running inside the trainer's process, on the trainer's GPU (colocated).
 
-vLLM (>= 0.10, the V1 engine) is an optional extra, `pip install 'polyalign[vllm]'` on a CUDA machine; it is
-imported when an engine is built, never by `import polyalign`. The engine meets the contract of `HFEngine`
-(rollout/hf.py), so trainers cannot tell the two apart:
-- prompts are tokenized by our tokenizer exactly as HFEngine does (same ids, same left padding); vLLM is
-  handed the token ids, never the text.
+vLLM is an optional extra, `pip install 'polyalign[vllm]'` on a CUDA machine, imported when an engine is
+built. The engine meets the contract of `HFEngine` (rollout/hf.py), so trainers cannot tell the two apart:
+- prompts are tokenized exactly as HFEngine does (same ids, same left padding); vLLM gets token ids only.
 - every row is its own request (n=1) with its own seed, a hash of (sampling.seed, row_offset + row), so a
   row's completion does not depend on the other rows or on how a batch is split across processes.
-  Temperature 0 is greedy (top_k/top_p then play no part, as in HFEngine).
-- the policy's EOS ids (generation config, config, tokenizer) are stop tokens; the mask includes the EOS. A
-  stop string ends the row at the token that completed it and the text is cut before it.
-- log-probs: vLLM is built with `logprobs_mode="processed_logprobs"`: log-softmax(logits / temperature)
-  after top-k/top-p filtering. Without filtering (and for greedy rows, which use temperature 1) that is our
-  quantity, the full softmax. With top_k/top_p on, or a vLLM without `logprobs_mode` (its log-probs are then
-  of the raw logits, right only at temperature 0 or 1), the engine recomputes the sampled tokens' log-probs
-  with the policy itself (one `completion_logprobs` forward) and says so in `last_logprobs_source`.
+- the policy's EOS ids are stop tokens; the mask includes the EOS. A stop string ends the row at the token
+  that completed it and the text is cut before it.
+- log-probs: with `logprobs_mode="processed_logprobs"` vLLM gives log-softmax(logits / temperature) after
+  top-k/top-p filtering, our quantity when nothing is filtered (greedy rows use temperature 1). With
+  top_k/top_p on, or a vLLM without `logprobs_mode` (raw logits: right only at temperature 0 or 1), the
+  sampled tokens' log-probs come from one policy forward instead, as `last_logprobs_source` says.
 
-Weights: vLLM is built from the policy's config and tokenizer saved to a temporary folder with dummy weights,
-then `load_weights(policy)` pushes the live parameters (a PEFT model's merged weights, FSDP2 DTensors
-gathered with `full_tensor()`) into vLLM's in-process model and resets its prefix cache. Call it after every
-optimizer step. The engine core must run in this process, so the engine sets
-VLLM_ENABLE_V1_MULTIPROCESSING=0. With `sleep_mode`, vLLM's KV cache is freed (and its weights moved to CPU
-memory, sleep level 1) between generate calls, leaving that GPU memory to training.
+Weights: vLLM starts from the policy's config and tokenizer with dummy weights; `load_weights(policy)` then
+pushes the live parameters (PEFT merged, FSDP2 DTensors gathered) into vLLM's in-process model (so the
+engine sets VLLM_ENABLE_V1_MULTIPROCESSING=0) and resets its prefix cache. Call it after every optimizer step.
 
 Shapes: P prompts, G = n completions each, B = P * G rows, Tp prompt tokens, T completion tokens.
 """
@@ -32,6 +25,7 @@ import copy
 import dataclasses
 import gc
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -45,17 +39,7 @@ from polyalign.rollout.hf import HFEngine, _check_sampling
 from polyalign.rollout.vllm_io import collect_outputs, request_options, row_seeds, vllm_logprobs_exact
 from polyalign.types import Rollout, Sampling
 
-INSTALL_HINT = "pip install 'polyalign[vllm]' on a machine with a CUDA GPU"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def import_vllm() -> Any:
-    """The vllm module, or an ImportError naming the extra that provides it."""
-    try:
-        import vllm
-    except ImportError as err:
-        raise ImportError(f"rollout engine 'vllm' needs the 'vllm' package ({INSTALL_HINT})") from err
-    return vllm
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -130,7 +114,12 @@ class VLLMEngine:
         attention_backend: str = "",
         add_special_tokens: bool = True,
     ) -> None:
-        self._vllm = import_vllm()
+        try:
+            import vllm
+        except ImportError as err:
+            hint = "pip install 'polyalign[vllm]' on a machine with a CUDA GPU"
+            raise ImportError(f"rollout engine 'vllm' needs the 'vllm' package ({hint})") from err
+        self._vllm = vllm
         if not torch.cuda.is_available():
             raise RuntimeError(
                 "rollout engine 'vllm' needs a CUDA GPU and torch.cuda.is_available() is False; "
@@ -220,13 +209,10 @@ class VLLMEngine:
     def generate(self, prompts: list[str], n: int, sampling: Sampling, extras: dict | None = None) -> Rollout:
         """Sample n completions per prompt, group-major; see the module docstring for the details."""
         _check_sampling(prompts, n, sampling, extras)
-        rows = len(prompts) * n
-        if sampling.row_offset < 0 or (
-            sampling.total_rows is not None and sampling.row_offset + rows > sampling.total_rows
-        ):
+        rows, offset = len(prompts) * n, sampling.row_offset
+        if offset < 0 or offset + rows > (sampling.total_rows or rows):
             raise ValueError(
-                f"sampling.row_offset={sampling.row_offset} with {rows} rows does not fit in "
-                f"sampling.total_rows={sampling.total_rows}"
+                f"sampling: rows {offset}..{offset + rows} do not fit in total_rows={sampling.total_rows}"
             )
         prompt_ids, prompt_mask = self._hf._encode(prompts, sampling.max_new_tokens)  # (P, Tp) each
         longest = int(prompt_mask.sum(1).max()) + sampling.max_new_tokens
@@ -237,7 +223,7 @@ class VLLMEngine:
             )
         token_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
         options = request_options(sampling, self.eos_ids)
-        seeds = row_seeds(sampling.seed, sampling.row_offset, rows)
+        seeds = row_seeds(sampling.seed, offset, rows)
         params = [self._vllm.SamplingParams(**options, seed=seed) for seed in seeds]
         requests = [{"prompt_token_ids": token_lists[r // n]} for r in range(rows)]
         self._wake()
@@ -341,5 +327,5 @@ def _find_vllm_model(llm: Any) -> nn.Module:
             return model
     raise RuntimeError(
         "cannot reach vLLM's model in this process (LLM.apply_model and the driver worker's model runner "
-        f"are both missing in vllm {getattr(import_vllm(), '__version__', '?')}); VLLMEngine needs vllm>=0.10"
+        f"are both missing in vllm {getattr(sys.modules.get('vllm'), '__version__', '?')}); VLLMEngine needs vllm>=0.10"
     )
