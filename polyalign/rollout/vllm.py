@@ -91,16 +91,10 @@ def _world_size() -> int:
 class VLLMEngine:
     """Rollout engine over an in-process vLLM that holds a copy of the policy's weights.
 
-    Args:
-        model: the policy (a transformers causal LM, optionally PEFT-wrapped, DDP- or FSDP2-wrapped), on CUDA.
-        tokenizer: its tokenizer; prompts are encoded as HFEngine encodes them.
-        gpu_memory_utilization: share of the GPU's memory vLLM may take (its weights + KV cache).
-        enforce_eager: skip CUDA-graph capture (faster start, slower decode).
-        max_model_len: longest prompt + completion vLLM plans for; 0 = the model's context length.
-        sleep_mode: free vLLM's KV cache and move its weights to CPU memory between generate calls.
-        attention_backend: force a vLLM attention backend (e.g. "FLEX_ATTENTION" for head sizes or dtypes
-            the default kernels lack); "" = vLLM's choice.
-        add_special_tokens: as in HFEngine.
+    `model` is the policy on CUDA (a transformers causal LM, optionally PEFT-, DDP- or FSDP2-wrapped);
+    `model`, `tokenizer` and `add_special_tokens` are as in HFEngine, the other options are the fields of
+    `rollout.vllm` (config.VLLMConfig, documented there). With `sleep_mode` vLLM's KV cache is freed and its
+    weights moved to CPU memory (sleep level 1) between generate calls.
     """
 
     def __init__(
@@ -170,8 +164,6 @@ class VLLMEngine:
             args["distributed_executor_backend"] = "external_launcher"
         return args
 
-    # ---------------------------------------------------------------- weights
-
     def load_weights(self, model: nn.Module) -> None:
         """Push `model`'s current weights into vLLM (every rank must call it) and drop cached prefixes."""
         self.model = model
@@ -203,8 +195,6 @@ class VLLMEngine:
         if self.sleep_mode:
             self.llm.sleep(level=1)  # level 2 would also drop buffers that load_weights does not restore
             self._awake = set()
-
-    # ---------------------------------------------------------------- generation
 
     def generate(self, prompts: list[str], n: int, sampling: Sampling, extras: dict | None = None) -> Rollout:
         """Sample n completions per prompt, group-major; see the module docstring for the details."""
@@ -278,12 +268,9 @@ class VLLMEngine:
             del llm
             gc.collect()
             if _world_size() == 1:  # vLLM's own single-process group; never the trainer's
-                try:
-                    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-                    cleanup_dist_env_and_memory()
-                except ImportError:
-                    pass
+                cleanup_dist_env_and_memory()
             torch.cuda.empty_cache()
         self._folder.cleanup()
 
@@ -325,7 +312,8 @@ def _find_vllm_model(llm: Any) -> nn.Module:
             continue
         if isinstance(model, nn.Module) and hasattr(model, "load_weights"):
             return model
+    version = getattr(sys.modules.get("vllm"), "__version__", "?")
     raise RuntimeError(
         "cannot reach vLLM's model in this process (LLM.apply_model and the driver worker's model runner "
-        f"are both missing in vllm {getattr(sys.modules.get('vllm'), '__version__', '?')}); VLLMEngine needs vllm>=0.10"
+        f"are both missing in vllm {version}); VLLMEngine needs vllm>=0.10"
     )

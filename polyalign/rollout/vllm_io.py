@@ -75,28 +75,20 @@ def _token_logprob(position: Any, token: int) -> float | None:
 def collect_outputs(outputs: list, pad_id: int, tokenizer, stops: tuple[str, ...]):
     """vLLM RequestOutputs (one per row, n=1) -> ids, mask, log-probs (B, T), finished, stopped (B,), and
     whether vLLM gave a log-prob for every real token."""
-    rows, row_logprobs, finished, stopped = [], [], [], []
-    for out in outputs:
-        seq = out.outputs[0]
-        ids = list(seq.token_ids)
-        by_string = isinstance(seq.stop_reason, str)
-        if by_string:
-            ids = ids[: stop_length(tokenizer, ids, stops)]
-        lps = seq.logprobs if seq.logprobs is not None else []
-        row_logprobs.append(
-            [_token_logprob(lps[t] if t < len(lps) else None, tok) for t, tok in enumerate(ids)]
-        )
-        rows.append(ids)
-        finished.append(seq.finish_reason == "stop")
-        stopped.append(by_string)
-    width = max(1, max(len(r) for r in rows))
+    seqs = [out.outputs[0] for out in outputs]
+    stopped = [isinstance(seq.stop_reason, str) for seq in seqs]  # vLLM ran past the stop string: cut it
+    rows = [list(seq.token_ids) for seq in seqs]
+    rows = [ids[: stop_length(tokenizer, ids, stops)] if cut else ids for ids, cut in zip(rows, stopped)]
+    width = max(1, max(len(ids) for ids in rows))
     ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
     logprobs = torch.zeros((len(rows), width), dtype=torch.float32)  # (B, T)
     complete = True
-    for i, (ids, lps) in enumerate(zip(rows, row_logprobs)):
+    for i, (seq, ids) in enumerate(zip(seqs, rows)):
+        lps = [_token_logprob(position, token) for position, token in zip(seq.logprobs or [], ids)]
+        complete = complete and len(lps) == len(ids) and None not in lps
         ids_t[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         mask[i, : len(ids)] = 1
-        complete = complete and all(lp is not None for lp in lps)
-        logprobs[i, : len(ids)] = torch.tensor([lp if lp is not None else 0.0 for lp in lps])
-    return ids_t, mask, logprobs, torch.tensor(finished), torch.tensor(stopped), complete
+        logprobs[i, : len(lps)] = torch.tensor([0.0 if lp is None else lp for lp in lps])
+    finished = torch.tensor([seq.finish_reason == "stop" for seq in seqs])
+    return ids_t, mask, logprobs, finished, torch.tensor(stopped), complete
