@@ -122,12 +122,11 @@ def gae_advantages(
         rewards = torch.where(real, rewards.to(values.dtype), zero)
         values = torch.where(real, values, zero)
         next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # (B, T)
-        next_real = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1)  # (B, T)
-        deltas = rewards + gamma * next_values - values  # (B, T); next_values is 0 past the last token
+        deltas = rewards + gamma * next_values - values  # (B, T); 0 on padding: nothing crosses a row's end
         running = torch.zeros_like(values[:, 0])  # (B,)
         reversed_advantages = []
         for t in reversed(range(values.shape[1])):
-            running = deltas[:, t] + gamma * lam * next_real[:, t] * running
+            running = deltas[:, t] + gamma * lam * running
             reversed_advantages.append(running)
         advantages = torch.stack(reversed_advantages[::-1], dim=1)  # (B, T)
         advantages = torch.where(real, advantages, zero)

@@ -96,21 +96,21 @@ def _import_reward(spec: str, kwargs: dict[str, Any]) -> RewardFn:
 def check_scores(scores: Any, n: int, name: str) -> torch.Tensor:
     """What reward function `name` returned for `n` completions, as (n,) float32 on CPU, detached."""
     where = f"reward function {name}"
-    if isinstance(scores, torch.Tensor) and scores.dim() != 1:
-        raise ValueError(f"{where} returned a tensor of shape {tuple(scores.shape)}; expected ({n},)")
-    if not isinstance(scores, torch.Tensor | list | tuple):
-        raise ValueError(
-            f"{where} returned {type(scores).__name__}; expected {n} floats (a list or a tensor)"
-        )
-    if len(scores) != n:
-        raise ValueError(f"{where} returned {len(scores)} values for {n} completions")
-    if isinstance(scores, torch.Tensor) and not (scores.is_floating_point() or scores.dtype in _INT_DTYPES):
-        raise ValueError(f"{where} returned a tensor of dtype {scores.dtype}; expected real numbers")
-    if not isinstance(scores, torch.Tensor):
+    if isinstance(scores, list | tuple):  # TRL's contract
         odd = next((i for i, v in enumerate(scores) if not isinstance(v, numbers.Real)), None)
         if odd is not None:
             raise ValueError(f"{where} returned a non-number at row {odd}: {scores[odd]!r:.80}")
         scores = torch.tensor([float(v) for v in scores])
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(
+            f"{where} returned {type(scores).__name__}; expected {n} floats (a list or a tensor)"
+        )
+    if scores.dim() != 1:
+        raise ValueError(f"{where} returned a tensor of shape {tuple(scores.shape)}; expected ({n},)")
+    if len(scores) != n:
+        raise ValueError(f"{where} returned {len(scores)} values for {n} completions")
+    if not (scores.is_floating_point() or scores.dtype in _INT_DTYPES):
+        raise ValueError(f"{where} returned a tensor of dtype {scores.dtype}; expected real numbers")
     scores = scores.detach().to(device="cpu", dtype=torch.float32)
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:

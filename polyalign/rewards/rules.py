@@ -22,6 +22,15 @@ def _words(text: str) -> list[str]:
     return _WORD_RE.findall(text.lower().replace("\u2019", "'"))
 
 
+def _per_completion(score: Callable[[str], float]) -> Callable[..., torch.Tensor]:
+    """The RewardFn that scores each completion's text alone with `score`."""
+
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> torch.Tensor:
+        return torch.tensor([float(score(c)) for c in completions], dtype=torch.float32)
+
+    return reward
+
+
 def normalize_answer(text: str) -> str:
     """Lower-case, drop surrounding whitespace and punctuation, collapse inner whitespace."""
     return " ".join(text.lower().split()).strip(string.punctuation + " ")
@@ -51,23 +60,14 @@ def contains_any(words: Iterable[str], case_sensitive: bool = False) -> Callable
         raise ValueError(f"contains_any needs a non-empty list of non-empty strings, got {words!r}")
     flags = 0 if case_sensitive else re.IGNORECASE
     pattern = re.compile(r"\b(?:" + "|".join(re.escape(w.strip()) for w in words) + r")\b", flags)
-
-    def reward(prompts: list[str], completions: list[str], **columns: Any) -> torch.Tensor:
-        return torch.tensor([pattern.search(c) is not None for c in completions], dtype=torch.float32)
-
-    return reward
+    return _per_completion(lambda text: pattern.search(text) is not None)
 
 
 def length_reward(target_chars: int = 200) -> Callable[..., torch.Tensor]:
     """Peaks at 0 when the completion has `target_chars` characters: -|len - target| / target."""
     if target_chars <= 0:
         raise ValueError(f"length_reward target_chars must be > 0, got {target_chars}")
-
-    def reward(prompts: list[str], completions: list[str], **columns: Any) -> torch.Tensor:
-        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)  # (B,)
-        return -(lengths - target_chars).abs() / target_chars
-
-    return reward
+    return _per_completion(lambda text: -abs(len(text) - target_chars) / target_chars)
 
 
 def length_penalty(max_chars: int = 400, per_char: float = 0.01) -> Callable[..., torch.Tensor]:
@@ -76,12 +76,7 @@ def length_penalty(max_chars: int = 400, per_char: float = 0.01) -> Callable[...
         raise ValueError(
             f"length_penalty needs max_chars >= 0 and per_char >= 0, got {max_chars}, {per_char}"
         )
-
-    def reward(prompts: list[str], completions: list[str], **columns: Any) -> torch.Tensor:
-        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)  # (B,)
-        return -per_char * (lengths - max_chars).clamp(min=0)
-
-    return reward
+    return _per_completion(lambda text: -per_char * max(len(text) - max_chars, 0))
 
 
 # A small hand-picked lexicon of plain English words (including the simple vocabulary of children's
@@ -123,8 +118,4 @@ def lexicon_score(text: str) -> float:
 
 def lexicon_sentiment() -> Callable[..., torch.Tensor]:
     """Word-list sentiment of each completion, `lexicon_score`, in (-1, 1); 0 when no lexicon word."""
-
-    def reward(prompts: list[str], completions: list[str], **columns: Any) -> torch.Tensor:
-        return torch.tensor([lexicon_score(c) for c in completions], dtype=torch.float32)
-
-    return reward
+    return _per_completion(lexicon_score)
