@@ -9,6 +9,8 @@ policy.py (REINFORCE, PPO, value, SFT, truncated importance weights), preference
 Bradley-Terry). Formulas and paper references are in each docstring.
 """
 
+# ruff: noqa: F401  (this file only re-exports: the imports below are the package's public names)
+
 from polyalign.losses.advantages import (
     BaselineState,
     best_of_group,
@@ -26,31 +28,3 @@ from polyalign.losses.policy import (
     value_loss,
 )
 from polyalign.losses.preference import bradley_terry_loss, copg_group_loss, copg_loss, dpo_loss, ipo_loss
-
-__all__ = [
-    "AGGREGATES",
-    "KL_KINDS",
-    "BaselineState",
-    "aggregate_tokens",
-    "best_of_group",
-    "bradley_terry_loss",
-    "copg_group_loss",
-    "copg_loss",
-    "dpo_loss",
-    "gae_advantages",
-    "ipo_loss",
-    "kl_estimate",
-    "kl_shaped_rewards",
-    "masked_mean",
-    "masked_sum",
-    "moving_average_baseline",
-    "ppo_clip_loss",
-    "reinforce_loss",
-    "rloo_advantages",
-    "sequence_kl",
-    "sft_loss",
-    "token_rewards",
-    "truncated_importance_weights",
-    "value_loss",
-    "whiten",
-]
