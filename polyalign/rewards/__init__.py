@@ -173,12 +173,10 @@ def _check_weights(fns: Mapping[str, RewardFn], weights: Mapping[str, float] | N
             f"reward weights must name exactly the rewards {sorted(fns)}; "
             f"missing {sorted(missing)}, unknown {sorted(extra)}"
         )
-    out = {}
     for name, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
             raise ValueError(f"weight of reward {name!r} must be a finite number, got {w!r}")
-        out[name] = float(w)
-    return out
+    return {name: float(w) for name, w in weights.items()}
 
 
 def combine(fns: Mapping[str, RewardFn], weights: Mapping[str, float] | None = None) -> RewardFn:
