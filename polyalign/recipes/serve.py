@@ -117,7 +117,7 @@ class ModelServer:
         self.chat_model, self.model_id = HFChatBackend(model, tokenizer, model_id), model_id
         self.limits = limits or ServeLimits()
         self.lock = threading.Lock()  # held while generating: one request at a time
-        self.slots = threading.BoundedSemaphore(self.limits.max_queue + 1)  # generating + queued
+        self.in_flight, self._count_lock = 0, threading.Lock()  # chat requests generating or queued
         self.requests = 0  # chat completions served (tests count calls with it)
 
     def route(self, method: str, path: str, body: dict | None) -> dict:
@@ -137,9 +137,13 @@ class ModelServer:
             text = self.chat_model.render(messages)
         except ValueError as err:  # e.g. a role the chat template refuses
             raise ApiError(400, str(err), "messages") from None
-        if not self.slots.acquire(blocking=False):
-            busy = f"server busy: {self.limits.max_queue} requests already wait for the model; retry later"
-            raise ApiError(503, busy, headers={"Retry-After": "1"})
+        with self._count_lock:
+            if self.in_flight > self.limits.max_queue:
+                busy = (
+                    f"server busy: {self.limits.max_queue} requests already wait for the model; retry later"
+                )
+                raise ApiError(503, busy, headers={"Retry-After": "1"})
+            self.in_flight += 1
         try:
             with self.lock:
                 self.requests += 1
@@ -147,7 +151,8 @@ class ModelServer:
         except ValueError as err:  # the prompt plus max_tokens do not fit the model's context
             raise ApiError(400, str(err), "messages") from None
         finally:
-            self.slots.release()
+            with self._count_lock:
+                self.in_flight -= 1
         return self._response(body, rollout)
 
     def _response(self, body: dict, rollout: Any) -> dict:
@@ -184,6 +189,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for a bind address beyond loopback (None for loopback)."""
+    if is_loopback(host):
+        return None
+    access = "requests need the API key" if api_key else "no API key: anyone who reaches it can use the model"
+    advice = "" if api_key else f"; set --api-key or {_API_KEY_ENV}"
+    return (
+        f"polyalign serve: binding {host} makes the server reachable beyond this machine ({access}; plain HTTP, "
+        f"no TLS). Bind 127.0.0.1 unless that is intended{advice}."
+    )
+
+
 def serve(
     model: Any,
     host: str = "127.0.0.1",
@@ -210,17 +227,8 @@ def serve(
         model, tokenizer = load_policy(model)
     if tokenizer is None:
         raise ValueError("serve: pass the tokenizer of a loaded model (or give a model name / path)")
-    if not is_loopback(host):
-        access = (
-            "requests need the API key" if api_key else "no API key: anyone who reaches it can use the model"
-        )
-        log.warning(
-            "polyalign serve: binding %s makes the server reachable beyond this machine (%s; plain HTTP, no TLS)."
-            " Bind 127.0.0.1 unless that is intended%s.",
-            host,
-            access,
-            "" if api_key else f"; set --api-key or {_API_KEY_ENV}",
-        )
+    if (warning := exposure_warning(host, api_key)) is not None:
+        log.warning(warning)
     state = ModelServer(
         model.eval(), tokenizer, model_id or getattr(model.config, "_name_or_path", "model"), limits
     )
@@ -254,20 +262,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=name, type=kind, default=getattr(ServeLimits(), name), help=text)
 
 
+def limits_from_args(args: Any) -> ServeLimits:
+    """ServeLimits from parsed flags; a flag the namespace lacks keeps its default."""
+    given = {name: getattr(args, name, None) for name, _, _ in _FLAGS.values()}
+    return ServeLimits(**{name: value for name, value in given.items() if value is not None})
+
+
 def cli_serve(args: Any) -> int:
     """`polyalign serve --model NAME [--host 127.0.0.1] [--port 8000] [--api-key KEY] [limits]`: until Ctrl-C."""
     model = getattr(args, "model", None) or "stories260K"
     host = getattr(args, "host", None) or "127.0.0.1"
     port = getattr(args, "port", None)
     api_key = getattr(args, "api_key", None) or os.environ.get(_API_KEY_ENV) or None
-    given = {
-        name: getattr(args, name) for name, _, _ in _FLAGS.values() if getattr(args, name, None) is not None
-    }
     server, thread = serve(
         model,
         host=host,
         port=8000 if port is None else int(port),
-        limits=ServeLimits(**given),
+        limits=limits_from_args(args),
         api_key=api_key,
     )
     bound = server.server_address[1]
