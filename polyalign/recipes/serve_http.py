@@ -111,116 +111,119 @@ def _content_length(headers: Any, limit: int) -> int:
     return length
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """Framing, limits, the API key, JSON in and out; `route` (set by make_handler) does the rest."""
+
+    protocol_version = "HTTP/1.1"
+    route: Callable[[str, str, dict | None], dict]
+    limits: ServeLimits
+    api_key: str | None
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: no per-request stderr lines
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # replaced by a reader with a deadline and a byte budget
+        self.reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader, 8192)
+
+    def handle_one_request(self) -> None:
+        self.reader.deadline = time.monotonic() + self.limits.read_timeout_s
+        self.reader.budget = self.limits.max_header_bytes + 8192  # + one read-ahead buffer of body
+        self.body_unread = True
+        try:
+            super().handle_one_request()  # closes the connection on a timeout (no answer to give)
+        except ApiError as err:  # headers over the byte budget
+            self._fail(err)
+        except OSError:  # reset by the client, or a write that timed out
+            self.close_connection = True
+
+    def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.connection.settimeout(self.limits.read_timeout_s)  # a client that does not read is dropped too
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _fail(self, err: ApiError) -> None:
+        self.close_connection = self.close_connection or self.body_unread
+        self._send(err.status, err.payload(), err.headers)
+        if self.body_unread:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, then drain what the client still sends (fixed buffer, bounded time)."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            end, sink = time.monotonic() + _LINGER_S, bytearray(65536)
+            while (left := end - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not self.connection.recv_into(sink):
+                    break
+        except OSError:
+            pass
+
+    def _read_json(self) -> dict:
+        length = _content_length(self.headers, self.limits.max_body_bytes)
+        self.reader.budget = None
+        data = self.rfile.read(length)
+        self.body_unread = False
+        if len(data) < length:
+            self.close_connection = True
+            raise ApiError(400, f"body ended after {len(data)} of the {length} bytes of its Content-Length")
+        try:
+            body = json.loads(data or b"{}")
+        except (
+            ValueError,
+            RecursionError,
+        ) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ApiError(400, f"request body is not JSON: {str(err):.200}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return body
+
+    def _authorize(self) -> None:
+        if self.api_key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not (
+            given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.api_key.encode())
+        ):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    def _serve(self, method: str) -> None:
+        try:
+            self._authorize()
+            body = self._read_json() if method == "POST" else None
+            self._send(200, self.route(method, self.path.split("?")[0].rstrip("/"), body))
+        except ApiError as err:
+            self._fail(err)
+        except TimeoutError:  # a body shorter than declared: answer, close, do not linger
+            self.close_connection, self.body_unread = True, False
+            self._fail(ApiError(408, f"request not received within {self.limits.read_timeout_s} s"))
+        except Exception as err:  # a crash in generation must not kill the server thread
+            log.error("polyalign serve: %s %s failed: %s: %s", method, self.path, type(err).__name__, err)
+            self._fail(ApiError(500, f"{type(err).__name__}: {err}"))
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+
 def make_handler(
     route: Callable[[str, str, dict | None], dict], limits: ServeLimits, api_key: str | None
 ) -> type[BaseHTTPRequestHandler]:
-    """The request handler class: framing, limits, the API key, JSON in and out; `route` does the rest."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet: no per-request stderr lines
-            pass
-
-        def setup(self) -> None:
-            super().setup()
-            self.rfile.close()  # replaced by a reader with a deadline and a byte budget
-            self.reader = _DeadlineReader(self.connection)
-            self.rfile = io.BufferedReader(self.reader, 8192)
-
-        def handle_one_request(self) -> None:
-            self.reader.deadline = time.monotonic() + limits.read_timeout_s
-            self.reader.budget = limits.max_header_bytes + 8192  # + one read-ahead buffer of body
-            self.body_unread = True
-            try:
-                super().handle_one_request()  # closes the connection on a timeout (no answer to give)
-            except ApiError as err:  # headers over the byte budget
-                self._fail(err)
-            except OSError:  # reset by the client, or a write that timed out
-                self.close_connection = True
-
-        def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
-            data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-            self.connection.settimeout(limits.read_timeout_s)  # a client that does not read is dropped too
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _fail(self, err: ApiError) -> None:
-            self.close_connection = self.close_connection or self.body_unread
-            self._send(err.status, err.payload(), err.headers)
-            if self.body_unread:
-                self._linger()
-
-        def _linger(self) -> None:
-            """Half-close, then drain what the client still sends (fixed buffer, bounded time)."""
-            try:
-                self.connection.shutdown(socket.SHUT_WR)
-                end, sink = time.monotonic() + _LINGER_S, bytearray(65536)
-                while (left := end - time.monotonic()) > 0:
-                    self.connection.settimeout(left)
-                    if not self.connection.recv_into(sink):
-                        break
-            except OSError:
-                pass
-
-        def _read_json(self) -> dict:
-            length = _content_length(self.headers, limits.max_body_bytes)
-            self.reader.budget = None
-            data = self.rfile.read(length)
-            self.body_unread = False
-            if len(data) < length:
-                self.close_connection = True
-                raise ApiError(
-                    400, f"body ended after {len(data)} of the {length} bytes of its Content-Length"
-                )
-            try:
-                body = json.loads(data or b"{}")
-            except (
-                ValueError,
-                RecursionError,
-            ) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                raise ApiError(400, f"request body is not JSON: {str(err):.200}") from None
-            if not isinstance(body, dict):
-                raise ApiError(400, "request body must be a JSON object")
-            return body
-
-        def _authorize(self) -> None:
-            if api_key is None:
-                return
-            given = self.headers.get("Authorization", "")
-            if not (
-                given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), api_key.encode())
-            ):
-                raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-
-        def _serve(self, method: str) -> None:
-            try:
-                self._authorize()
-                body = self._read_json() if method == "POST" else None
-                self._send(200, route(method, self.path.split("?")[0].rstrip("/"), body))
-            except ApiError as err:
-                self._fail(err)
-            except TimeoutError:  # a body shorter than declared: answer, close, do not linger
-                self.close_connection, self.body_unread = True, False
-                self._fail(ApiError(408, f"request not received within {limits.read_timeout_s} s"))
-            except Exception as err:  # a crash in generation must not kill the server thread
-                log.error("polyalign serve: %s %s failed: %s: %s", method, self.path, type(err).__name__, err)
-                self._fail(ApiError(500, f"{type(err).__name__}: {err}"))
-
-        def do_GET(self) -> None:
-            self._serve("GET")
-
-        def do_POST(self) -> None:
-            self._serve("POST")
-
-    return Handler
+    """The request handler class for BoundedHTTPServer over `route(method, path, body) -> dict`."""
+    return type("Handler", (_Handler,), {"route": staticmethod(route), "limits": limits, "api_key": api_key})
 
 
 _BUSY = json.dumps(ApiError(503, "server busy: too many open connections; retry later").payload()).encode()
