@@ -165,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser(
         "serve", help="an OpenAI-compatible /v1/chat/completions server over any loadable model"
     )
-    srv.add_argument("--model", default="stories260K", help="built-in name, local directory or hub id")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    from polyalign.recipes.serve import add_serve_arguments  # argparse only: no model code at import
+
+    add_serve_arguments(srv)
     srv.set_defaults(func=cmd_serve)
     return parser
 
