@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_synth(args: argparse.Namespace, extra: list[str]) -> int:
     from polyalign.synth.pipeline import cli_synth
 
-    return cli_synth(args.config, _split_overrides(extra))
+    return cli_synth(args.config, _split_overrides(extra), args.force_stage)
 
 
 def cmd_experiment(args: argparse.Namespace, extra: list[str]) -> int:
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "synth", help="multilingual preference data: translate, generate, score, pair, filter"
     )
     syn.add_argument("config", help="YAML synth config (see configs/synth/)")
+    syn.add_argument("--force-stage", help="redo this stage and the later ones (translate|generate|score|...)")
     syn.set_defaults(func=cmd_synth)
     exp = sub.add_parser(
         "experiment", help="cross-lingual transfer: synth or data -> train -> evaluate per language"

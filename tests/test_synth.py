@@ -35,9 +35,10 @@ class ScriptedGenerator:
     def describe(self) -> str:
         return f"scripted {self.name}"
 
-    def generate(self, prompts: list[str], seed: int) -> list[str]:
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[str]:
         time.sleep(self.delay)
         self.calls.append(list(prompts))
+        self.seeds = [*getattr(self, "seeds", []), *seeds]
         return [self.replies.get(p, f"{self.name}: {p}") for p in prompts]
 
 
@@ -47,7 +48,7 @@ class ScriptedTranslator:
     def describe(self) -> str:
         return "scripted translator"
 
-    def translate(self, texts, source_languages, target):
+    def translate(self, texts, source_languages, target, seeds=None):
         words = {"fr": "bonjour", "ru": "привет", "zh": "你好世界"}
         return [f"{words[target]} {i}" for i, _ in enumerate(texts)]
 

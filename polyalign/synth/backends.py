@@ -1,11 +1,11 @@
 """Generators, translators and scorers for synthesis, built from config over the eval backends.
 
-- `Generator.generate(prompts, seed) -> completions`: `LocalGenerator` (a causal LM through eval's local
-  generator, batched and sampled), `ChatGenerator` (any `polyalign.eval.backends.ChatClient`, built by
-  `polyalign.eval.build`: an OpenAI-compatible endpoint or a local HF chat model, with retries, bounded
-  concurrency and a request cache);
-- `Translator.translate(texts, source_languages, target) -> texts`: `PromptTranslator` (any generator asked
-  with a translation prompt) or `Seq2SeqTranslator` (NLLB or Marian through transformers);
+- `Generator.generate(prompts, seeds) -> completions`, one seed per prompt (the record's seed, see
+  `stages.record_seed`): `LocalGenerator` (a causal LM through eval's local generator), `ChatGenerator` (any
+  `polyalign.eval.backends.ChatClient`, built by `polyalign.eval.build`: an OpenAI-compatible endpoint or a
+  local HF chat model, with retries, bounded concurrency and a request cache; each request sends its seed);
+- `Translator.translate(texts, source_languages, target, seeds) -> texts`: `PromptTranslator` (any generator
+  asked with a translation prompt) or `Seq2SeqTranslator` (NLLB or Marian through transformers, greedy);
 - `Scorer.score(prompts, completions, languages) -> [(score | None, status)]`: a reward model, the lexicon
   or an LLM harm judge (score 1 = safe, 0 = harmful), or an LLM 1-10 rating. status "ok" | "unparseable" |
   "not_covered"; an unscored completion is skipped by pairing and counted.
@@ -14,6 +14,7 @@ Tests pass their own objects with these methods (scripted fakes), or a real serv
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,7 +43,7 @@ class Generator(Protocol):
 
     def describe(self) -> str: ...
 
-    def generate(self, prompts: list[str], seed: int) -> list[str]: ...
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[str]: ...
 
 
 class Translator(Protocol):
@@ -50,7 +51,9 @@ class Translator(Protocol):
 
     def describe(self) -> str: ...
 
-    def translate(self, texts: list[str], source_languages: list[str], target: str) -> list[str]: ...
+    def translate(
+        self, texts: list[str], source_languages: list[str], target: str, seeds: list[int] | None = None
+    ) -> list[str]: ...
 
 
 class Scorer(Protocol):
@@ -64,7 +67,10 @@ class Scorer(Protocol):
 
 
 class LocalGenerator:
-    """A local causal LM (eval's HFChatBackend), sampled, one batch per call; `system` as in its `render`."""
+    """A local causal LM (eval's HFChatBackend); `system` as in its `render`. Greedy (temperature 0): one batch
+    per call. Sampled: one prompt per engine call with its own seed, because the engine draws one random stream
+    per call, so a completion then depends on its prompt and seed only, never on its batch neighbours (the
+    price: no batching while sampling locally; endpoints keep their concurrency)."""
 
     def __init__(self, cfg: BackendConfig) -> None:
         from polyalign.eval.backends import HFChatBackend
@@ -79,14 +85,17 @@ class LocalGenerator:
         c = self.cfg
         return f"local model {c.model!r} (temperature {c.temperature}, top_p {c.top_p}, {c.max_new_tokens} tokens)"
 
-    def generate(self, prompts: list[str], seed: int) -> list[str]:
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[str]:
         from polyalign.types import Sampling
 
         c = self.cfg
-        sampling = Sampling(
+        texts = [self.chat.render(p, c.system) for p in prompts]
+        sampling = lambda seed: Sampling(
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed
         )
-        return self.chat.generate([self.chat.render(p, c.system) for p in prompts], 1, sampling).completions
+        if c.temperature == 0:
+            return self.chat.generate(texts, 1, sampling(0)).completions
+        return [self.chat.generate([t], 1, sampling(s)).completions[0] for t, s in zip(texts, seeds)]
 
 
 class ChatGenerator:
@@ -98,17 +107,20 @@ class ChatGenerator:
     def describe(self) -> str:
         return f"{self.client.describe()} (temperature {self.cfg.temperature})"
 
-    def generate(self, prompts: list[str], seed: int) -> list[str]:
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[str]:
         c = self.cfg
         system = [{"role": "system", "content": c.system}] if c.system else []
-        requests = [[*system, {"role": "user", "content": p}] for p in prompts]
-        params = {
-            "max_tokens": c.max_new_tokens,
-            "temperature": c.temperature,
-            "top_p": c.top_p,
-            "seed": seed,
-        }
-        return self.client.complete_many(requests, params)
+        params = {"max_tokens": c.max_new_tokens, "temperature": c.temperature, "top_p": c.top_p}
+        with ThreadPoolExecutor(max_workers=max(1, c.max_workers)) as pool:
+            futures = [
+                pool.submit(
+                    self.client.complete_many,
+                    [[*system, {"role": "user", "content": p}]],
+                    {**params, "seed": s},
+                )
+                for p, s in zip(prompts, seeds)
+            ]
+        return [f.result()[0] for f in futures]
 
 
 class PromptTranslator:
@@ -121,14 +133,16 @@ class PromptTranslator:
     def describe(self) -> str:
         return f"prompted translation by {self.generator.describe()}"
 
-    def translate(self, texts: list[str], source_languages: list[str], target: str) -> list[str]:
+    def translate(
+        self, texts: list[str], source_languages: list[str], target: str, seeds: list[int] | None = None
+    ) -> list[str]:
         requests = [
             self.template.format(
                 text=t, language=target, language_name=LANGUAGE_NAMES.get(target, target), source_language=s
             )
             for t, s in zip(texts, source_languages)
         ]
-        return [c.strip() for c in self.generator.generate(requests, self.seed)]
+        return [c.strip() for c in self.generator.generate(requests, seeds or [self.seed] * len(texts))]
 
 
 class Seq2SeqTranslator:
@@ -173,7 +187,9 @@ class Seq2SeqTranslator:
             out = model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, num_beams=1, **kwargs)
         return tokenizer.batch_decode(out, skip_special_tokens=True)
 
-    def translate(self, texts: list[str], source_languages: list[str], target: str) -> list[str]:
+    def translate(
+        self, texts: list[str], source_languages: list[str], target: str, seeds: list[int] | None = None
+    ) -> list[str]:
         out: list[str | None] = [None] * len(texts)
         for source in sorted(set(source_languages)):
             rows = [i for i, s in enumerate(source_languages) if s == source]

@@ -22,8 +22,15 @@ TRANSLATE_TEMPLATE = (
 @dataclass(frozen=True)
 class SourceConfig:
     path: str = "builtin:stories"
-    """builtin:stories (English story openings) | xsafety (the shipped red-team set) | a JSONL/JSON/CSV file
-    in the Aya red-teaming layout: prompt, language, optional id, harm_category, global_or_local."""
+    """builtin:stories (English story openings) | xsafety (the shipped red-team set) | a JSONL/JSON/CSV/Parquet
+    file (a relative path is relative to this config file): long layout = the Aya red-teaming one (prompt,
+    language, optional id, harm_category (a label or a list literal), global_or_local); wide layout = one
+    column per language (MultiJail: id, source, tags, en, zh, ...)."""
+    layout: str = "long"
+    """long (one prompt per row) | wide (one column per language; see polyalign/data/columns.py)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """{field: column in the file}, e.g. {prompt: text, harm_category: category} (long) or {id: row_id,
+    tags: labels} (wide); unnamed fields keep their usual column names."""
     language: str = "en"
     """Language of rows that have no `language` value (builtin:stories, files without the column)."""
     languages: list[str] = field(default_factory=list)
@@ -119,6 +126,8 @@ class SynthConfig:
     """Work items per durable append (and per model batch)."""
     out_dir: str = "runs/synth"
     progress: bool = True
+    """Print progress lines (records done/total, rate) for stages that run over a few seconds, on a terminal
+    only; false = quiet."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -141,4 +150,5 @@ def validate(cfg: SynthConfig) -> None:
     check(j.mode in ("score", "harm"), f"judge.mode: {j.mode!r} not in score|harm")
     check(cfg.pairs.min_margin >= 0, "pairs.min_margin must be >= 0")
     check(cfg.filter.language_mismatch in ("drop", "keep"), "filter.language_mismatch: drop | keep")
+    check(cfg.source.layout in ("long", "wide"), f"source.layout: {cfg.source.layout!r} not in long|wide")
     check(cfg.batch_size >= 1 and cfg.source.limit >= 0, "need batch_size >= 1 and source.limit >= 0")

@@ -1,6 +1,8 @@
 """`polyalign synth CONFIG.yaml [--section.key=value ...]`: build multilingual preference pairs.
 
-    polyalign synth configs/synth/stories-tiny.yaml --out_dir=runs/synth/tiny
+    polyalign synth configs/synth/stories-tiny.yaml --out_dir=runs/synth/tiny [--force-stage generate]
+
+Paths in the config (source.path) are relative to the config file (`paths.py`).
 
 Files in `out_dir`, in stage order (see `stages.py`; the first three are resumable appends):
     prompts.jsonl      source prompts and their translations (stage translate)
@@ -10,8 +12,12 @@ Files in `out_dir`, in stage order (see `stages.py`; the first three are resumab
     final.jsonl        after filtering and deduplication: the training file ({prompt, chosen, rejected,
                        language, chosen_score, rejected_score, ...}, read by `load_preferences`)
     summary.json       counts of every stage: done / resumed, skips by reason, language mismatches
-Run the same command again after a crash (even kill -9) or a failed endpoint: it repairs a torn last line,
-skips every record already written and continues; nothing finished is lost or duplicated.
+    fingerprints.json  the settings behind every record fingerprint ever written here (see fingerprints.py)
+Run the same command again after a crash (even kill -9) or a failed endpoint: it drops a torn last line,
+skips every record already written and continues; nothing finished is lost or duplicated, and every record
+gets the seed an uninterrupted run gives it (seeds are per record id). A rerun with settings that differ from
+those of the records already written refuses, naming the stage and the changed keys; `--force-stage NAME`
+redoes that stage and the ones after it (translate, generate, score, pair, filter).
 """
 
 from __future__ import annotations
@@ -21,17 +27,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from polyalign.config import ConfigError, dump_yaml, load_config
-from polyalign.files import write_jsonl_atomic
-from polyalign.synth import stages
+from polyalign.config import ConfigError, dump_yaml
+from polyalign.files import atomic_write_text, write_jsonl_atomic
+from polyalign.synth import fingerprints, stages
 from polyalign.synth.config import SynthConfig
-from polyalign.synth.safety import load_redteam_prompts
+from polyalign.synth.paths import SYNTH_PATHS, load_config_at
+from polyalign.synth.safety import load_redteam_prompts, select_sources
+from polyalign.synth.sources import read_prompt_file
 from polyalign.synth.store import check_unique_ids, read_stage
 
 
-def load_sources(cfg: SynthConfig) -> list[dict]:
-    """Source prompt records from `cfg.source`; duplicate ids are an error, unknown languages too."""
+def load_sources(cfg: SynthConfig) -> tuple[list[dict], int]:
+    """(source prompt records from `cfg.source`, empty cells skipped in a wide file); duplicate ids and
+    unknown languages are errors."""
     s = cfg.source
+    empty = 0
     if s.path == "builtin:stories":
         from polyalign.data.prompts import load_prompts
 
@@ -39,13 +49,16 @@ def load_sources(cfg: SynthConfig) -> list[dict]:
         records = [stages.source_record(f"stories/{i}", t, s.language) for i, t in enumerate(texts)]
         if s.languages and s.language not in s.languages:
             records = []
+    elif s.path == "xsafety":
+        records = load_redteam_prompts("xsafety", s.languages or None, s.categories or None, s.per_group)
     else:
-        records = load_redteam_prompts(s.path, s.languages or None, s.categories or None, s.per_group)
+        records, empty = read_prompt_file(s.path, s.layout, s.columns, s.language)
+        records = select_sources(records, str(s.path), s.languages, s.categories, s.per_group)
     records = records[: s.limit] if s.limit else records
     if not records:
         raise ValueError(f"source {s.path}: no prompts left after the filters (languages {s.languages})")
     check_unique_ids(records, s.path)
-    return records
+    return records, empty
 
 
 def _stage(name: str, path: Path, call) -> dict:
@@ -60,52 +73,80 @@ def _stage(name: str, path: Path, call) -> dict:
         ) from err
 
 
+def _prepare(cfg: SynthConfig, force_stage: str | None) -> tuple[Path, dict, dict]:
+    """out_dir with config.yaml, the forced stage's files removed, the current stage settings registered;
+    returns (out_dir, settings, the registry as it was) for `check_stage`."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if force_stage is not None:
+        fingerprints.force_stage(out, force_stage)
+    settings = fingerprints.stage_settings(cfg)
+    registry = fingerprints.update_registry(out, settings)
+    for stage, name in fingerprints.FILES.items():  # refuse before anything runs, earliest stage first
+        fingerprints.check_stage(stage, out / name, settings[stage], registry)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    return out, settings, registry
+
+
 def run_synth(
     cfg: SynthConfig,
     generators: list[Any] | None = None,
     translator: Any | None = None,
     scorer: Any | None = None,
     sources: list[dict] | None = None,
+    force_stage: str | None = None,
 ) -> dict:
     """Run every stage (module docstring); returns the summary written to out_dir/summary.json. Generators,
-    translator, scorer and sources are built from the config unless given (tests pass scripted ones)."""
+    translator, scorer and sources are built from the config unless given (tests pass scripted ones).
+    `force_stage` redoes that stage and every later one; otherwise changed settings are refused."""
     from polyalign.synth import backends
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(cfg))
-    sources = load_sources(cfg) if sources is None else sources
+    out, settings, _ = _prepare(cfg, force_stage)
+    fp = fingerprints.stage_fingerprints(settings)
+    sources, empty = load_sources(cfg) if sources is None else (sources, 0)
     check_unique_ids(sources, "sources")
     t = cfg.translate
     if translator is None and t.languages:
         translator = backends.build_translator(t.translator, t.template, out)
-    paths = {name: out / f"{name}.jsonl" for name in ("prompts", "completions", "scored")}
+    paths = {name: out / file for name, file in fingerprints.FILES.items()}
     summary: dict = {"config": str(out / "config.yaml"), "sources": len(sources), "stages": {}}
+    summary["source_empty_cells"] = empty
     summary["stages"]["translate"] = _stage(
         "translate",
-        paths["prompts"],
+        paths["translate"],
         lambda: stages.translate_prompts(
-            sources, t.languages, translator, paths["prompts"], cfg.batch_size, t.keep_source, cfg.progress
+            sources, t.languages, translator, paths["translate"], cfg.batch_size, t.keep_source,
+            cfg.progress, fp["translate"][""], t.translator.seed,
         ),
-    )
-    prompts = read_stage(paths["prompts"])
+    )  # fmt: skip
+    prompts = read_stage(paths["translate"])
     generators = generators or [backends.build_generator(g, out) for g in cfg.generators]
     seeds = {g.label: g.seed for g in cfg.generators}
     summary["stages"]["generate"] = _stage(
         "generate",
-        paths["completions"],
+        paths["generate"],
         lambda: stages.generate_completions(
-            prompts, generators, paths["completions"], cfg.batch_size, cfg.progress, seeds
+            prompts, generators, paths["generate"], cfg.batch_size, cfg.progress, seeds, fp["generate"]
         ),
     )
-    completions = read_stage(paths["completions"])
+    completions = read_stage(paths["generate"])
     scorer = scorer or backends.build_scorer(cfg.judge, out)
     summary["stages"]["score"] = _stage(
         "score",
-        paths["scored"],
-        lambda: stages.score_completions(completions, scorer, paths["scored"], cfg.batch_size, cfg.progress),
+        paths["score"],
+        lambda: stages.score_completions(
+            completions, scorer, paths["score"], cfg.batch_size, cfg.progress, fp["score"]
+        ),
     )
-    scored = read_stage(paths["scored"])
+    return _finish(
+        cfg, summary, prompts, completions, read_stage(paths["score"]), (translator, generators, scorer)
+    )
+
+
+def _finish(cfg: SynthConfig, summary: dict, prompts, completions, scored, backends_used) -> dict:
+    """Pair, filter, count, and write summary.json."""
+    out = Path(cfg.out_dir)
+    translator, generators, scorer = backends_used
     final = pair_and_filter(cfg, scored, summary)
     summary.update(_counts(prompts, completions, scored, final))
     summary["backends"] = {
@@ -114,7 +155,7 @@ def run_synth(
         "judge": f"{scorer.name}: {scorer.describe()}",
     }
     summary["final"] = str(out / "final.jsonl")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
 
@@ -147,13 +188,14 @@ def _counts(prompts: list[dict], completions: list[dict], scored: list[dict], fi
     }
 
 
-def cli_synth(config_path: str | None, overrides: list[str] = ()) -> int:
-    """`polyalign synth CONFIG [--a.b=c ...]`: run the pipeline and print the counts; bad config -> SystemExit."""
+def cli_synth(config_path: str | None, overrides: list[str] = (), force_stage: str | None = None) -> int:
+    """`polyalign synth CONFIG [--force-stage NAME] [--a.b=c ...]`: run the pipeline and print the counts; a bad
+    config or settings that differ from those of the records in out_dir -> SystemExit with one line."""
     try:
-        cfg = load_config(config_path, list(overrides), cls=SynthConfig)
-    except ConfigError as err:
+        cfg = load_config_at(config_path, list(overrides), SynthConfig, SYNTH_PATHS)
+        summary = run_synth(cfg, force_stage=force_stage)
+    except (ConfigError, fingerprints.SettingsChanged) as err:
         raise SystemExit(f"polyalign synth: {err}") from None
-    summary = run_synth(cfg)
     mism = {k: sum(v.values()) for k, v in summary["language_mismatch"].items()}
     print(
         f"polyalign synth: {summary['prompts']} prompts, {summary['completions']} completions, "

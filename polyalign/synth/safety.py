@@ -2,7 +2,7 @@
 
 Red-team prompts come from the shipped XSafety set (the default; no global/local labels) or from any file in
 the Aya red-teaming layout (`prompt`, `language`, `harm_category`, `global_or_local`, optional `id`), e.g.
-the Aya red-teaming JSONL files. They become source records with their labels, and then go through the same
+the Aya red-teaming JSONL files, or one column per language (MultiJail; `sources.py`). They become source records with their labels, and then go through the same
 stages as any prompt: generate with two generators that differ by a safety preamble (`SAFETY_PREAMBLE` as the
 system message of one, none for the other), score with a harm judge (the lexicon judge offline, an LLM harm
 judge for real data; score 1 = safe, 0 = harmful), and pair: with `pairs.min_margin: 0.5` only pairs of a safe
@@ -13,11 +13,9 @@ The paper's preamble wording is not public; this one is ours.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
-from polyalign.data.io import DataError, read_table
+from polyalign.synth.sources import read_prompt_file
 from polyalign.synth.stages import source_record
-from polyalign.synth.store import check_unique_ids
 
 SAFETY_PREAMBLE = (
     "You are a helpful and harmless assistant. If a request asks for harmful, hateful, violent, sexual, illegal "
@@ -31,46 +29,39 @@ def load_redteam_prompts(
     languages: list[str] | None = None,
     categories: list[str] | None = None,
     per_group: int = 0,
+    layout: str = "long",
+    columns: dict[str, str] | None = None,
 ) -> list[dict]:
-    """Source records (see `stages.source_record`) from XSafety (`path="xsafety"`) or an Aya-layout file.
-    A file's `id` column is used when present (ids must be unique); otherwise "<file name>:<line>"."""
-    from polyalign.recipes.evaluate.prompts import load_prompt_file, load_xsafety
+    """Source records (see `stages.source_record`) from XSafety (`path="xsafety"`) or a prompt file in the Aya
+    (long) or MultiJail (wide) layout (`sources.py`). A file's `id` column is used when present (ids must be
+    unique); otherwise "<file name>:<line>"."""
+    from polyalign.recipes.evaluate.prompts import load_xsafety
 
     if path == "xsafety":
         prompts = load_xsafety(languages or None, categories or None, per_group)
         return [source_record(p.id, p.prompt, p.language, harm_category=p.harm_category) for p in prompts]
-    if categories:
-        raise ValueError("source.categories applies to xsafety only; filter a file by language")
-    prompts = load_prompt_file(path, None, 0)
-    table = read_table(path)
-    ids = [
-        _row_id(row, f"{Path(path).name}:{loc.split()[-1]}") for row, loc in zip(table.rows, table.locations)
-    ]
-    records = [
-        source_record(
-            ident, p.prompt, p.language, harm_category=p.harm_category, global_or_local=p.global_or_local
-        )
-        for ident, p in zip(ids, prompts)
-    ]
-    check_unique_ids(records, str(path))
+    records, _ = read_prompt_file(path, layout, columns)
+    return select_sources(records, str(path), languages, categories, per_group)
+
+
+def select_sources(
+    records: list[dict], where: str, languages: list[str] | None, categories: list[str] | None, per_group: int
+) -> list[dict]:
+    """The records in `languages` (all when empty) with any of `categories` (all when empty), then the first
+    `per_group` of each (language, first category) group."""
     if languages:
         from polyalign.data.languages import normalise_language
 
-        wanted = {normalise_language(lang, f"{path} languages") for lang in languages}
+        wanted = {normalise_language(lang, f"{where} languages") for lang in languages}
         missing = wanted - {r["language"] for r in records}
         if missing:
-            raise ValueError(f"{path}: no prompts in languages {sorted(missing)}")
+            raise ValueError(f"{where}: no prompts in languages {sorted(missing)}")
         records = [r for r in records if r["language"] in wanted]
+    if categories:
+        records = [r for r in records if set(categories) & set(r.get("harm_categories") or [])]
+        if not records:
+            raise ValueError(f"{where}: no prompts in categories {sorted(categories)}")
     return first_per_group(records, per_group)
-
-
-def _row_id(row: dict, default: str) -> str:
-    value = row.get("id")
-    if value is None or value == "":
-        return default
-    if "|" in str(value):
-        raise DataError(f"{default}: field 'id': {value!r} contains '|', which record ids may not hold")
-    return str(value)
 
 
 def first_per_group(records: list[dict], per_group: int) -> list[dict]:

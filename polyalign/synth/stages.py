@@ -5,10 +5,15 @@
 The first three call models and append to their stage file through `store.run_batches` (resumable, one
 durable append per batch, keyed by record id); the last two are pure functions of their input.
 
-Provenance carried by every record: `language`, `source_prompt_id`, and, as they are added, `translator`,
-`generator`, `seed` (the sampling seed of the batch the record was made in), `judge`, `score(s)`. Records
-keep `harm_category` / `global_or_local` of their source prompt for safety mixtures. `language_check`
-("ok" | "mismatch" | "unknown", see `langcheck.py`) is set on every prompt and completion.
+Provenance carried by every record: `language`, `source_prompt_id`, `fingerprint` (a hash of the settings
+that made it, see `fingerprints.py`), and, as they are added, `translator`, `generator`, `seed`, `judge`,
+`score(s)`. Records keep `harm_category` (the first category), `harm_categories` (all), `global_or_local` and
+`source_id` (the id in the prompt file) of their source prompt for safety mixtures. `language_check` ("ok" |
+"mismatch" | "unknown", see `langcheck.py`) is set on every prompt and completion.
+
+Seeds are per record: a translation or completion is sampled with `record_seed(backend seed, record id)`,
+whatever batch it lands in, so a rerun that redoes a torn last line (or uses another batch size) gives every
+record the seed an uninterrupted run gives it.
 
 Record ids: a source prompt keeps its id; a translation is "<source id>|<language>"; a completion is
 "<prompt id>|<generator>" (scored records keep it); a pair is its prompt id.
@@ -26,16 +31,18 @@ from polyalign.synth.backends import Generator, Scorer, Translator
 from polyalign.synth.langcheck import check_language
 from polyalign.synth.store import make_id, run_batches
 
-_CARRIED = ("harm_category", "global_or_local")
+_CARRIED = ("harm_category", "harm_categories", "global_or_local", "source_id")
 
 
-def batch_seed(base: int, ident: str) -> int:
-    """The sampling seed of a batch: the generator's seed plus a hash of the batch's first record id."""
+def record_seed(base: int, ident: str) -> int:
+    """The sampling seed of one record: the backend's seed plus a hash of the record's id."""
     return (base + zlib.crc32(ident.encode("utf-8"))) % 2**31
 
 
 def source_record(ident: str, prompt: str, language: str, **extra: object) -> dict:
-    """A source prompt as a stage-1 record."""
+    """A source prompt as a stage-1 record; `extra` may hold the carried fields (`_CARRIED`)."""
+    if extra.get("harm_categories") is None:
+        extra["harm_categories"] = [extra["harm_category"]] if extra.get("harm_category") else []
     return {
         "id": ident,
         "prompt": prompt,
@@ -58,9 +65,11 @@ def translate_prompts(
     batch_size: int = 8,
     keep_source: bool = True,
     progress: bool = True,
+    fingerprint: str | None = None,
+    seed: int = 0,
 ) -> dict[str, int]:
     """Write the source prompts (when `keep_source`) and their translations into every target language
-    other than their own to `out_path`. Returns the stage counts."""
+    other than their own to `out_path`, each with `fingerprint`. Returns the stage counts."""
     items = [(s, None) for s in sources if keep_source]
     items += [(s, lang) for s in sources for lang in languages if lang != s["language"]]
     if any(lang is not None for _, lang in items) and translator is None:
@@ -71,12 +80,14 @@ def translate_prompts(
         return source["id"] if lang is None else make_id(source["id"], lang)
 
     def process(batch):
-        out = [dict(s) for s, lang in batch if lang is None]
+        out = [{**s, "fingerprint": fingerprint} for s, lang in batch if lang is None]
         for target in sorted({lang for _, lang in batch if lang is not None}):
             group = [s for s, lang in batch if lang == target]
-            seed = batch_seed(0, make_id(group[0]["id"], target))
-            texts = translator.translate([s["prompt"] for s in group], [s["language"] for s in group], target)
-            for s, text in zip(group, texts):
+            seeds = [record_seed(seed, make_id(s["id"], target)) for s in group]
+            texts = translator.translate(
+                [s["prompt"] for s in group], [s["language"] for s in group], target, seeds
+            )
+            for s, text, record_seed_ in zip(group, texts, seeds):
                 out.append(
                     {
                         **s,
@@ -85,8 +96,9 @@ def translate_prompts(
                         "language": target,
                         "origin": "translation",
                         "translator": translator.name,
-                        "seed": seed,
+                        "seed": record_seed_,
                         "language_check": check_language(text, target),
+                        "fingerprint": fingerprint,
                     }
                 )
         return out
@@ -101,10 +113,12 @@ def generate_completions(
     batch_size: int = 8,
     progress: bool = True,
     seeds: dict[str, int] | None = None,
+    fingerprints: dict[str, str] | None = None,
 ) -> dict[str, int]:
     """One completion per (prompt, generator), generated directly in the prompt's language. Empty prompts
-    are never sent; empty completions are kept with status "empty" (skipped by scoring, counted)."""
-    seeds = seeds or {}
+    are never sent; empty completions are kept with status "empty" (skipped by scoring, counted). `seeds`
+    and `fingerprints` are per generator name."""
+    seeds, fingerprints = seeds or {}, fingerprints or {}
     items = [(p, g) for p in prompts if p["prompt"].strip() for g in generators]
 
     def process(batch):
@@ -113,8 +127,9 @@ def generate_completions(
             group = [p for p, gen in batch if gen is g]
             if not group:
                 continue
-            seed = batch_seed(seeds.get(g.name, 0), make_id(group[0]["id"], g.name))
-            for p, text in zip(group, g.generate([p["prompt"] for p in group], seed)):
+            row_seeds = [record_seed(seeds.get(g.name, 0), make_id(p["id"], g.name)) for p in group]
+            texts = g.generate([p["prompt"] for p in group], row_seeds)
+            for p, text, seed in zip(group, texts, row_seeds):
                 text = text.strip()
                 out.append(
                     {
@@ -130,6 +145,7 @@ def generate_completions(
                         "prompt_language_check": p["language_check"],
                         "language_check": check_language(text, p["language"]) if text else "unknown",
                         **{k: p.get(k) for k in _CARRIED},
+                        "fingerprint": fingerprints.get(g.name),
                     }
                 )
         return out
@@ -151,9 +167,11 @@ def score_completions(
     out_path: str | Path,
     batch_size: int = 8,
     progress: bool = True,
+    fingerprints: dict[str, str] | None = None,
 ) -> dict[str, int]:
     """Score every non-empty completion; an unscorable one (unparseable verdict, language not covered) keeps
-    score None and its status, and is skipped by pairing."""
+    score None and its status, and is skipped by pairing. `fingerprints` are per generator name."""
+    fingerprints = fingerprints or {}
     items = [c for c in completions if c["status"] == "ok"]
 
     def process(batch):
@@ -163,7 +181,14 @@ def score_completions(
         if len(scores) != len(batch):
             raise RuntimeError(f"scorer {scorer.name}: {len(scores)} scores for {len(batch)} completions")
         return [
-            {**c, "judge": scorer.name, "score": s, "score_status": st} for c, (s, st) in zip(batch, scores)
+            {
+                **c,
+                "judge": scorer.name,
+                "score": s,
+                "score_status": st,
+                "fingerprint": fingerprints.get(c["generator"]),
+            }
+            for c, (s, st) in zip(batch, scores)
         ]
 
     return run_batches(out_path, items, lambda c: c["id"], process, batch_size, "score", progress)

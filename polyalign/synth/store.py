@@ -13,6 +13,7 @@ generator name, ...), so the same work item gets the same id on every run.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from polyalign.data.io import DataError, JsonlWriter
 
 SEP = "|"
+PROGRESS_EVERY_S = 3.0
 
 
 def make_id(*parts: object) -> str:
@@ -76,19 +78,31 @@ def done_ids(path: str | Path) -> set[str]:
     return {r["id"] for r in records}
 
 
-def progress_bar(enabled: bool):
-    """A rich Progress (or None when disabled) showing one bar per stage."""
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def progress_printer(
+    description: str, total: int, done: int, enabled: bool = True, console: Any = None, clock=time.monotonic
+) -> Callable[[int], None]:
+    """`advance(n)` for a stage: once the stage has run `PROGRESS_EVERY_S` seconds, and then every as many
+    seconds, it prints "synth <stage>: <done>/<total> records, <rate>/s" (rich, on stderr). Silent when
+    `enabled` is false (`progress: false` in the config) or when stderr is not a terminal (logs, pipes)."""
+    from rich.console import Console
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=False,
-    )
+    console = console or Console(stderr=True)
+    if not enabled or not console.is_terminal:
+        return lambda n: None
+    start = clock()
+    state = {"count": 0, "printed": start}
+
+    def advance(n: int) -> None:
+        state["count"] += n
+        now = clock()
+        if now - state["printed"] >= PROGRESS_EVERY_S:
+            state["printed"] = now
+            rate = state["count"] / max(now - start, 1e-9)
+            console.print(
+                f"synth {description}: {done + state['count']}/{total} records, {rate:.1f}/s", highlight=False
+            )
+
+    return advance
 
 
 def run_batches(
@@ -114,22 +128,14 @@ def run_batches(
         raise DataError(f"{description}: two work items share the id {dup!r}", "duplicate_id")
     pending = [item for item, ident in zip(items, ids) if ident not in done]
     stats = {"total": len(items), "already_done": len(items) - len(pending), "processed": 0, "written": 0}
-    bar = progress_bar(progress and bool(pending))
-    task = bar.add_task(description, total=len(items), completed=stats["already_done"]) if bar else None
-    try:
-        if bar:
-            bar.start()
-        with JsonlWriter(path, append=True) as writer:
-            for start in range(0, len(pending), batch_size):
-                batch = pending[start : start + batch_size]
-                records = list(process(batch))
-                fresh = [r for r in records if r["id"] not in done]
-                done.update(r["id"] for r in fresh)
-                stats["written"] += writer.write(fresh)
-                stats["processed"] += len(batch)
-                if bar:
-                    bar.update(task, advance=len(batch))
-    finally:
-        if bar:
-            bar.stop()
+    advance = progress_printer(description, len(items), stats["already_done"], progress and bool(pending))
+    with JsonlWriter(path, append=True) as writer:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            records = list(process(batch))
+            fresh = [r for r in records if r["id"] not in done]
+            done.update(r["id"] for r in fresh)
+            stats["written"] += writer.write(fresh)
+            stats["processed"] += len(batch)
+            advance(len(batch))
     return stats
