@@ -142,11 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("config", help="YAML eval config (see configs/eval/)")
     ev.set_defaults(func=cmd_eval)
-    syn = sub.add_parser(
-        "synth", help="multilingual preference data: translate, generate, score, pair, filter"
-    )
+    syn = sub.add_parser("synth", help="multilingual preference data: translate/generate/score/pair/filter")
     syn.add_argument("config", help="YAML synth config (see configs/synth/)")
-    syn.add_argument("--force-stage", help="redo this stage and the later ones (translate|generate|score|...)")
+    syn.add_argument("--force-stage", metavar="STAGE", help="redo this stage and the later ones")
     syn.set_defaults(func=cmd_synth)
     exp = sub.add_parser(
         "experiment", help="cross-lingual transfer: synth or data -> train -> evaluate per language"

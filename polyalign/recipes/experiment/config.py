@@ -5,7 +5,8 @@ Imports no transformers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from polyalign.config import check
 from polyalign.eval.config import JudgeConfig, check_languages
@@ -13,16 +14,23 @@ from polyalign.recipes.evaluate.config import GenerationConfig
 
 METHODS = ("dpo", "sft_random", "sft_chosen", "dpo_sft", "rloo")
 METRICS = ("harm", "win_rate")
+PATHS = (
+    "general.synth", "general.pairs", "safety.synth", "safety.pairs", "training.offline", "training.online",
+    "eval.prompts",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class DataSource:
     synth: str | None = None
-    """A synth config (YAML) to run; its out_dir becomes <experiment out_dir>/synth/<general|safety>."""
+    """A synth config (YAML, relative to this config file) to run; its out_dir becomes
+    <experiment out_dir>/synth/<general|safety>."""
     synth_overrides: list[str] = field(default_factory=list)
-    """Dotted overrides for that synth config, e.g. ["source.limit=8"]."""
+    """Dotted overrides for that synth config, e.g. ["source.limit=8"]; a source.path here is relative to this
+    config file too."""
     pairs: str | None = None
-    """OR a ready pairs file (a synth final.jsonl, or any JSONL with prompt, chosen, rejected, language)."""
+    """OR a ready pairs file (a synth final.jsonl, or any JSONL with prompt, chosen, rejected, language),
+    relative to this config file."""
 
 
 @dataclass(frozen=True)
@@ -45,11 +53,12 @@ class TrainingConfig:
     """Any of dpo (DPO on the starting model) | sft_random (SFT on a random side of each pair) | sft_chosen
     (SFT on the chosen side) | dpo_sft (DPO after sft_chosen) | rloo (online, on the set's prompts)."""
     offline: str | None = None
-    """Offline trainer YAML (e.g. configs/offline/dpo.yaml) for every offline method; None = its defaults.
+    """Offline trainer YAML (relative to this config file, e.g. ../offline/dpo.yaml) for every offline method;
+    None = its defaults.
     The experiment sets model.policy, data.train, loss.name, loss.sft_target and output.run_dir."""
     offline_overrides: list[str] = field(default_factory=list)
     online: str | None = None
-    """Online trainer YAML for rloo; None = its defaults. The experiment sets model.policy, data.prompts,
+    """Online trainer YAML (relative to this config file) for rloo; None = its defaults. The experiment sets model.policy, data.prompts,
     algo.name and output.run_dir."""
     online_overrides: list[str] = field(default_factory=list)
 
@@ -57,7 +66,12 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class ExperimentEvalConfig:
     prompts: str = "xsafety"
-    """xsafety | a prompt file in the Aya red-teaming layout (prompt, language, harm_category, global_or_local)."""
+    """xsafety | a prompt file (relative to this config file): the Aya red-teaming layout (prompt, language,
+    harm_category, global_or_local) or, with layout: wide, one column per language (MultiJail)."""
+    layout: str = "long"
+    """long (one prompt per row) | wide (one column per language; see polyalign/synth/sources.py)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """{field: column in the file} for a file with other column names, e.g. {prompt: text, language: lang}."""
     categories: list[str] = field(default_factory=list)
     """xsafety categories; empty = the 13 unsafe ones."""
     per_group: int = 2
@@ -123,8 +137,24 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     bad = [m for m in cfg.eval.metrics if m not in METRICS]
     check(bool(cfg.eval.metrics) and not bad, f"eval.metrics: {cfg.eval.metrics} must be from {METRICS}")
+    check(cfg.eval.layout in ("long", "wide"), f"eval.layout: {cfg.eval.layout!r} not in long|wide")
     check(cfg.eval.harm_judge.kind in ("lexicon", "openai", "hf"), "eval.harm_judge.kind: lexicon|openai|hf")
     check(
         cfg.eval.win_judge.kind in ("reward_model", "openai", "hf"),
         "eval.win_judge.kind: reward_model|openai|hf",
     )
+
+
+def load_experiment_config(path: str | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """The config with its input paths (`PATHS`, and source.path in `synth_overrides`) resolved relative to
+    the config file (`polyalign.synth.paths`); command-line overrides stay relative to the current folder."""
+    from polyalign.synth.paths import SYNTH_PATHS, load_config_at, resolve_override
+
+    cfg = load_config_at(path, list(overrides), ExperimentConfig, PATHS)
+    if path is None:
+        return cfg
+    base = Path(path).parent
+    fix = lambda d: replace(
+        d, synth_overrides=[resolve_override(o, SYNTH_PATHS, base) for o in d.synth_overrides]
+    )
+    return replace(cfg, general=fix(cfg.general), safety=fix(cfg.safety))

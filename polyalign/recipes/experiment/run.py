@@ -3,6 +3,10 @@
 
     polyalign experiment configs/experiment/transfer-tiny.yaml --out_dir=runs/experiment/tiny
 
+Files named in the config (synth configs, pairs, trainer configs, evaluation prompts) are relative to it, so
+the command works from any folder. Evaluation prompts may be a wide (MultiJail) or column-mapped file
+(`eval.layout`, `eval.columns`).
+
 Phases of `run_experiment(cfg)`:
 1. data: run the general (and optional safety) synth config, or read given pairs files;
 2. training sets: one mixture per `train_sets` entry (languages, safety share, global/local label), written
@@ -26,7 +30,7 @@ from pathlib import Path
 from polyalign.config import ConfigError, dump_yaml, load_config
 from polyalign.data.io import read_records
 from polyalign.files import write_jsonl_atomic
-from polyalign.recipes.experiment.config import DataSource, ExperimentConfig
+from polyalign.recipes.experiment.config import DataSource, ExperimentConfig, load_experiment_config
 from polyalign.recipes.experiment.report import build_matrix, write_experiment_report
 from polyalign.synth.mixtures import build_mixture, write_mixture
 
@@ -37,10 +41,11 @@ def load_pairs(source: DataSource, name: str, out: Path) -> list[dict]:
     """Pairs from a synth run (run now; resumable) or a file; [] when the source is unset."""
     if source.synth is not None:
         from polyalign.synth.config import SynthConfig
+        from polyalign.synth.paths import SYNTH_PATHS, load_config_at
         from polyalign.synth.pipeline import run_synth
 
         overrides = [f"out_dir={out / 'synth' / name}", *source.synth_overrides]
-        summary = run_synth(load_config(source.synth, overrides, cls=SynthConfig))
+        summary = run_synth(load_config_at(source.synth, overrides, SynthConfig, SYNTH_PATHS))
         return read_records(summary["final"])
     return read_records(source.pairs) if source.pairs is not None else []
 
@@ -137,12 +142,28 @@ def train_rows(cfg: ExperimentConfig, sets: dict[str, dict], out: Path) -> dict[
     }
 
 
-def _eval_prompts(cfg: ExperimentConfig):
+def _eval_prompt_source(cfg: ExperimentConfig, out: Path) -> str:
+    """eval.prompts, or for a wide or column-mapped file the same prompts in the long layout, written to
+    out/eval/source_prompts.jsonl (every category kept there as harm_categories, the first as harm_category)."""
+    e = cfg.eval
+    if e.layout == "long" and not e.columns:
+        return e.prompts
+    from polyalign.synth.sources import read_prompt_file
+
+    records, _ = read_prompt_file(e.prompts, e.layout, e.columns)
+    fields = ("id", "prompt", "language", "harm_category", "harm_categories", "global_or_local")
+    path = out / "eval" / "source_prompts.jsonl"
+    write_jsonl_atomic(path, [{k: r[k] for k in fields} for r in records])
+    return str(path)
+
+
+def _eval_prompts(cfg: ExperimentConfig, out: Path):
     from polyalign.recipes.evaluate.config import EvalRunConfig, PromptSetConfig
     from polyalign.recipes.evaluate.run import load_prompts
 
     e = cfg.eval
-    prompt_set = PromptSetConfig(e.prompts, list(cfg.eval_languages), list(e.categories), e.per_group)
+    source = _eval_prompt_source(cfg, out)
+    prompt_set = PromptSetConfig(source, list(cfg.eval_languages), list(e.categories), e.per_group)
     prompts, _ = load_prompts(EvalRunConfig(prompts=prompt_set))
     seen, unique = set(), []
     for p in prompts:  # completions are matched to prompts by text, so each text once
@@ -157,7 +178,7 @@ def generate_all(cfg: ExperimentConfig, models: dict[str, str], out: Path) -> tu
     (the prompt file, {row: completions file})."""
     from polyalign.recipes.evaluate.run import generate
 
-    prompts = _eval_prompts(cfg)
+    prompts = _eval_prompts(cfg, out)
     completions, skipped = {}, set()
     for row, model in models.items():
         completions[row], too_long = generate(model, prompts, cfg.eval.generation, cfg.seed)
@@ -258,7 +279,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 def cli_experiment(config_path: str | None, overrides: list[str] = ()) -> int:
     """`polyalign experiment CONFIG [--a.b=c ...]`: run it and print where the report is."""
     try:
-        cfg = load_config(config_path, list(overrides), cls=ExperimentConfig)
+        cfg = load_experiment_config(config_path, list(overrides))
     except ConfigError as err:
         raise SystemExit(f"polyalign experiment: {err}") from None
     summary = run_experiment(cfg)
