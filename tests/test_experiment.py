@@ -88,9 +88,11 @@ def test_train_set_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_transfer_experiment_end_to_end_on_stories260k(tmp_path, capsys):
+def test_transfer_experiment_end_to_end_on_stories260k(tmp_path, capsys, monkeypatch):
     """The CPU-sized experiment: synth (stories260K + sentiment RM) -> DPO on en and on en+fr+es -> harm
-    (lexicon) and win-rate (sentiment RM) on four languages -> matrix report. About 30 s on a free CPU."""
+    (lexicon) and win-rate (sentiment RM) on four languages -> matrix report. About 30 s on a free CPU. Run
+    from another folder: the paths in the config are relative to it."""
+    monkeypatch.chdir(tmp_path)
     code = cli_experiment(str(ROOT / "configs/experiment/transfer-tiny.yaml"), [f"--out_dir={tmp_path}"])
     assert code == 0 and "2 trained models" in capsys.readouterr().out
     summary = json.loads((tmp_path / "summary.json").read_text())
