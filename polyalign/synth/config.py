@@ -36,7 +36,7 @@ class SourceConfig:
     languages: list[str] = field(default_factory=list)
     """Keep only these source languages; empty = all."""
     categories: list[str] = field(default_factory=list)
-    """xsafety: categories; empty = the 13 unsafe ones."""
+    """xsafety: categories (empty = the 13 unsafe ones); a file: keep prompts with any of these categories."""
     per_group: int = 0
     """First N prompts per (language, category); 0 = all."""
     limit: int = 0
