@@ -73,9 +73,9 @@ def _stage(name: str, path: Path, call) -> dict:
         ) from err
 
 
-def _prepare(cfg: SynthConfig, force_stage: str | None) -> tuple[Path, dict, dict]:
-    """out_dir with config.yaml, the forced stage's files removed, the current stage settings registered;
-    returns (out_dir, settings, the registry as it was) for `check_stage`."""
+def _prepare(cfg: SynthConfig, force_stage: str | None) -> tuple[Path, dict]:
+    """out_dir with the forced stage's files removed, the current stage settings registered and checked
+    against the records already there (SettingsChanged), then config.yaml; returns (out_dir, settings)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if force_stage is not None:
@@ -85,7 +85,7 @@ def _prepare(cfg: SynthConfig, force_stage: str | None) -> tuple[Path, dict, dic
     for stage, name in fingerprints.FILES.items():  # refuse before anything runs, earliest stage first
         fingerprints.check_stage(stage, out / name, settings[stage], registry)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    return out, settings, registry
+    return out, settings
 
 
 def run_synth(
@@ -101,7 +101,7 @@ def run_synth(
     `force_stage` redoes that stage and every later one; otherwise changed settings are refused."""
     from polyalign.synth import backends
 
-    out, settings, _ = _prepare(cfg, force_stage)
+    out, settings = _prepare(cfg, force_stage)
     fp = fingerprints.stage_fingerprints(settings)
     sources, empty = load_sources(cfg) if sources is None else (sources, 0)
     check_unique_ids(sources, "sources")
