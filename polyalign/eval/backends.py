@@ -1,26 +1,22 @@
 """Chat backends for LLM judges, and `ChatClient`: the robust way every judge request is made.
 
-Backends turn one chat request (messages plus sampling params) into the reply text:
-- `OpenAIChatBackend`: any OpenAI-compatible `/v1/chat/completions` endpoint through the `openai` client; the
-  API key is read from a NAMED environment variable and never logged or written anywhere (nor in cache keys);
-- `HFChatBackend`: a local Hugging Face causal LM through `HFEngine`, greedy as a judge; it is also the one
-  local generator (chat template or plain prompts, any sampling) of eval, synth and serve.
+Backends: `OpenAIChatBackend`, any OpenAI-compatible `/v1/chat/completions` endpoint (the API key is read from
+a NAMED environment variable, never logged or written, nor part of a cache key); `HFChatBackend`, a local
+Hugging Face causal LM, greedy as a judge and the one local generator of eval, synth and serve.
 
-`ChatClient(backend, cache=...)` adds, for every request:
-- bounded concurrency (a thread pool of `max_workers`); identical requests in flight at once are sent once
-  and every caller gets the answer (counted as "merged");
-- retries with exponential backoff, `backoff_s * 2**attempt` capped at `max_backoff_s` (plus up to 10%
-  jitter), each logged on the `polyalign.eval` logger, on rate limits (429), server errors (5xx), timeouts,
-  connection errors and truncated or malformed bodies (a backend raises `TransientError` for those);
-- an on-disk JSONL cache keyed by the SHA-256 of the full request (backend, model, base_url, messages,
-  params); each answer is appended (flushed, fsynced) as it arrives, raw, before parsing, so a rerun or a
-  resumed run re-asks nothing it has. Failed requests are not cached.
-A request fails for good on another HTTP error (400, e.g. a prompt over the model's context; 404; 422) or
-when its retries are exhausted. `complete_many(..., keep_errors=True)` (the judges) returns that request's
-`JudgeRequestError` in its place, and the judge records an "error" verdict; without it the error is raised
-after the pool drains. Either way the run stops (running requests finish and are cached, then
-`JudgeRequestError` says how many were answered) on an authentication error (401/403: `JudgeAuthError`) or
-when `max_consecutive_failures` requests in a row fail for good (the endpoint is taken to be down).
+`ChatClient(backend, cache=...)` adds to every request:
+- bounded concurrency (`max_workers` threads); identical requests in flight at once are sent once, and every
+  caller gets the answer (counted as "merged");
+- retries, each logged on the `polyalign.eval` logger, with backoff `backoff_s * 2**attempt` capped at
+  `max_backoff_s` (+ up to 10% jitter), on 429, 5xx, timeouts, connection errors and truncated or malformed
+  bodies (the backend raises `TransientError` for those);
+- a JSONL cache keyed by the SHA-256 of the full request (backend, model, base_url, messages, params): each
+  raw answer is appended (fsynced) as it arrives, so a rerun re-asks nothing it has. Failures are not cached.
+A request fails for good on another HTTP error (400, e.g. a prompt over the served model's context; 404) or
+when its retries run out. `complete_many(..., keep_errors=True)` (the judges) puts its `JudgeRequestError`
+in its place, and the judge records an "error" verdict; without keep_errors it is raised once the pool
+drains. The run stops (running requests finish and are cached; the error says how many were answered) on
+an auth error (401/403, `JudgeAuthError`) or after `max_consecutive_failures` failures in a row (an outage).
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -113,17 +108,14 @@ class ChatClient:
         max_retries: int = 4,
         backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
         max_consecutive_failures: int = 5,
     ) -> None:
         if min(max_workers, max_consecutive_failures) < 1 or min(max_retries, backoff_s) < 0:
-            raise ValueError(
-                "ChatClient: need max_workers, max_consecutive_failures >= 1; retries, backoff >= 0"
-            )
+            raise ValueError("ChatClient: need workers, max_consecutive_failures >= 1, retries, backoff >= 0")
         self.backend = backend
         self.cache = JsonlCache(cache) if cache is not None else None
         self.max_workers, self.max_retries = max_workers, max_retries
-        self.backoff_s, self.max_backoff_s, self._sleep = backoff_s, max_backoff_s, sleep
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.max_consecutive_failures, self._failures_in_a_row = max_consecutive_failures, 0
         self.stats = {"requests": 0, "cache_hits": 0, "merged": 0, "retries": 0, "failures": 0}
         self._lock = threading.Lock()
@@ -153,7 +145,7 @@ class ChatClient:
                 self._count("retries")
                 retry = f"retry {attempt + 1}/{self.max_retries} in {delay:.2f}s"
                 log.warning("judge request failed (%s); %s", err, retry)
-                self._sleep(delay)
+                time.sleep(delay)
                 continue
             except JudgeAuthError:
                 raise
@@ -212,10 +204,7 @@ class ChatClient:
 
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
             futures = [pool.submit(run, m) for m in requests]
-        for f in futures:
-            if f.exception() is not None:
-                raise f.exception()
-        replies = [f.result() for f in futures]
+        replies = [f.result() for f in futures]  # raises an auth (or unexpected) error
         if stop.is_set() or None in replies:
             failed = next((r for r in replies if isinstance(r, JudgeRequestError)), "stopped")
             done = sum(isinstance(r, str) for r in replies)
@@ -268,18 +257,15 @@ class OpenAIChatBackend:
         oa = self._openai
         try:
             response = self._client.chat.completions.create(model=self.model, messages=messages, **params)
-        except oa.RateLimitError as err:
-            raise TransientError("HTTP 429 rate limited") from err
-        except oa.InternalServerError as err:
-            raise TransientError(f"HTTP {err.status_code} server error") from err
+        except (oa.RateLimitError, oa.InternalServerError) as err:
+            raise TransientError(f"HTTP {err.status_code}: {err.message}") from err
         except oa.APITimeoutError as err:
             raise TransientError(f"timed out after {self.timeout_s}s") from err
         except oa.APIConnectionError as err:
             raise TransientError(f"connection error ({err.__cause__ or err})") from err
         except (oa.AuthenticationError, oa.PermissionDeniedError) as err:
-            raise JudgeAuthError(
-                f"HTTP {err.status_code}: the judge endpoint refused the key in ${self.api_key_env} ({err.message})"
-            ) from err
+            why = f"the judge endpoint refused the key in ${self.api_key_env} ({err.message})"
+            raise JudgeAuthError(f"HTTP {err.status_code}: {why}") from err
         except oa.APIStatusError as err:
             raise JudgeRequestError(f"HTTP {err.status_code}: {err.message}") from err
         except json.JSONDecodeError as err:

@@ -4,8 +4,7 @@
   endpoint, or a local model behind the same client);
 - `build_judge(cfg, role, out_dir)`: the judge that `cfg.kind` names (lexicon, reward_model, or an LLM judge
   over a chat client) for one role: harm | score (pointwise) | pairwise.
-Relative cache paths are resolved under the run's out_dir. The judges of one `polyalign eval` run are
-built by `polyalign.recipes.evaluate.judging.build_judges`.
+The judges of one `polyalign eval` run are built by `polyalign.recipes.evaluate.judging.build_judges`.
 """
 
 from __future__ import annotations
@@ -17,19 +16,15 @@ from polyalign.eval.backends import ChatClient, HFChatBackend, OpenAIChatBackend
 from polyalign.eval.config import EndpointConfig
 
 
-def resolve_path(path: str | None, out_dir: str | Path) -> Path | None:
-    """A config path: absolute as given, relative under the run's out_dir; None stays None."""
-    return None if path is None else (Path(path) if Path(path).is_absolute() else Path(out_dir) / path)
-
-
 def build_chat_client(cfg: EndpointConfig, out_dir: str | Path) -> ChatClient:
     """kind openai: the OpenAI-compatible endpoint; any other kind that reaches here (hf, hf_chat): the local
-    model `cfg.model` behind the same client (retries, concurrency, cache)."""
+    model `cfg.model` behind the same client (retries, concurrency, cache). A relative cache path is under
+    out_dir."""
     if cfg.kind == "openai":
         backend = OpenAIChatBackend(cfg.model, cfg.base_url, cfg.api_key_env, cfg.timeout_s)
     else:
         backend = HFChatBackend.load(cfg.model)
-    cache = resolve_path(cfg.cache, out_dir)
+    cache = None if cfg.cache is None else Path(out_dir) / cfg.cache  # an absolute cache path stays as is
     return ChatClient(
         backend, cache, cfg.max_workers, cfg.max_retries, cfg.backoff_s,
         max_consecutive_failures=cfg.max_consecutive_failures,

@@ -32,8 +32,7 @@ class EndpointConfig:
     timeout_s: float = 60.0
     backoff_s: float = 1.0
     max_consecutive_failures: int = 5
-    """This many requests in a row failing for good (after their retries) stop the run: the endpoint is down.
-    A single failed request is recorded as an "error" verdict and the run goes on."""
+    """This many requests in a row failing for good (after retries) stop the run; one is an "error" verdict."""
     cache: str | None = None
     """Request cache file; a relative path is under the run's out_dir; None = no cache."""
 

@@ -4,25 +4,21 @@ Two protocols, each with `describe()` (a one-line account printed by every repor
 - `PairwiseJudge.compare(prompts, completions_a, completions_b, languages)` -> verdicts "A" | "B" | "tie";
 - `PointwiseJudge.judge(prompts, completions, languages)` -> per completion either a harmful "yes" | "no"
   (kind "harm", score 1.0 / 0.0: the safety paper's standalone binary judge) or a number (kind "score").
-Both return `Judgement`s. One whose verdict could not be read has verdict None and status "unparseable"; one
-whose request failed for good (an HTTP 400 such as a prompt over the judge's context, or retries exhausted;
-see `backends.ChatClient`) has verdict None, status "error" and the reason in `detail`. Both are counted by
-the report, never an exception, and a verdict is never guessed.
-
-Long completions. An LLM judge cuts each completion to its first `max_chars` characters (0 = no cut) before
-filling the template, so one runaway completion does not push the judge prompt over the judge's context.
+Both return `Judgement`s, and never guess a verdict: one whose reply could not be read has verdict None and
+status "unparseable"; one whose request failed for good (an HTTP 400 such as a prompt over the judge's
+context, or retries exhausted: `backends.ChatClient`) has status "error", the reason in `detail`. The
+report counts both. An LLM judge cuts each completion to its first `max_chars` characters (0 = no cut) in
+its prompt, so one runaway completion cannot push the prompt over the judge's context.
 
 Position bias. `LLMPairwiseJudge` asks every pair in BOTH orders: (A=a, B=b) and (A=b, B=a), maps the
 second verdict back, and returns a win only when both orders agree. Any disagreement (A then B, A then tie,
-...) is a "tie" with `detail` saying so; if either order is unparseable the pair is unparseable.
+...) is a "tie" with `detail` saying so; if either order is unparseable (or an error) so is the pair.
 
-Templates are plain `str.format` strings shown below and overridable. Required placeholders: pairwise
-{prompt} {completion_a} {completion_b}; pointwise {prompt} {completion}; {language} is optional everywhere.
-Write literal braces as {{ }}. A template missing a required placeholder, or using an unknown one, is a
-ValueError at construction. Parsers are plain functions (`parse_pairwise_verdict`, `parse_yes_no`,
-`parse_score`) and can be swapped with `parse=`.
-
-The wording of the default templates is ours: the papers' exact judge prompts are not public (SPEC 2.5, 3.5).
+Templates are `str.format` strings (below, overridable). Required placeholders: pairwise {prompt}
+{completion_a} {completion_b}; pointwise {prompt} {completion}; {language} is optional. Literal braces are
+{{ }}; a missing or unknown placeholder is a ValueError at construction. Parsers are plain functions
+(`parse_pairwise_verdict`, `parse_yes_no`, `parse_score`), swapped with `parse=`. The wording of the
+default templates is ours: the papers' exact judge prompts are not public (SPEC 2.5, 3.5).
 """
 
 from __future__ import annotations
@@ -116,30 +112,27 @@ class PointwiseJudge(Protocol):
 
 def check_template(template: str, required: Sequence[str], optional: Sequence[str] = OPTIONAL_FIELDS) -> str:
     """The template itself, or a ValueError naming the missing / unknown placeholders."""
-    if not isinstance(template, str) or not template.strip():
-        raise ValueError("judge template must be a non-empty string")
+    braces = "write literal braces as {{{{ }}}}"
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as err:
-        raise ValueError(
-            f"judge template is not a valid format string ({err}); write literal braces as {{{{ }}}}"
-        ) from None
-    missing = [f for f in required if f not in fields]
-    unknown = sorted(fields - set(required) - set(optional))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"judge template is not a valid format string ({err}); {braces}") from None
+    missing, unknown = [f for f in required if f not in fields], sorted(fields - {*required, *optional})
     if missing or unknown:
         raise ValueError(
-            f"judge template: missing placeholder(s) {['{' + f + '}' for f in missing]}, unknown "
-            f"placeholder(s) {['{' + f + '}' for f in unknown]}; required {list(required)}, optional "
-            f"{list(optional)} (write literal braces as {{{{ }}}})"
+            f"judge template: missing placeholder(s) {['{' + f + '}' for f in missing]}, unknown placeholder(s) "
+            f"{['{' + f + '}' for f in unknown]}; required {list(required)}, optional {list(optional)} ({braces})"
         )
     return template
 
 
-def check_lengths(prompts: Sequence, *columns: Sequence | None) -> None:
-    """ValueError unless every given column has one entry per prompt."""
-    for column in columns:
+def check_lengths(prompts: Sequence, languages: Sequence[str] | None, *columns: Sequence, default="unknown"):
+    """The prompts' languages (`default` for each when None); a ValueError unless every column (languages
+    included) has one entry per prompt."""
+    for column in (languages, *columns):
         if column is not None and len(column) != len(prompts):
             raise ValueError(f"judge: got {len(prompts)} prompts but a column of length {len(column)}")
+    return list(languages) if languages is not None else [default] * len(prompts)
 
 
 def _normalise(text: str) -> str:
@@ -208,10 +201,6 @@ def _ask(client: ChatClient, system: str | None, texts: list[str], max_tokens: i
     return client.complete_many(requests, {"max_tokens": max_tokens, "temperature": 0.0}, keep_errors=True)
 
 
-def _languages(languages: Sequence[str] | None, n: int) -> list[str]:
-    return list(languages) if languages is not None else ["unknown"] * n
-
-
 def _error(replies: Sequence) -> Judgement | None:
     """The "error" judgement when a reply is a failed request."""
     failed = [str(r) for r in replies if not isinstance(r, str)]
@@ -241,8 +230,7 @@ class LLMPairwiseJudge:
         return self.template.format(prompt=prompt, completion_a=first, completion_b=second, language=language)
 
     def compare(self, prompts, completions_a, completions_b, languages=None) -> list[Judgement]:
-        check_lengths(prompts, completions_a, completions_b, languages)
-        langs = _languages(languages, len(prompts))
+        langs = check_lengths(prompts, languages, completions_a, completions_b)
         texts = [self._text(*row) for row in zip(prompts, completions_a, completions_b, langs)]
         texts += [self._text(*row) for row in zip(prompts, completions_b, completions_a, langs)]
         replies = _ask(self.client, self.system, texts, self.max_tokens)
@@ -294,10 +282,9 @@ class LLMPointwiseJudge:
         return f"pointwise LLM judge ({what}): {self.client.describe()}"
 
     def judge(self, prompts, completions, languages=None) -> list[Judgement]:
-        check_lengths(prompts, completions, languages)
         texts = [
             self.template.format(prompt=p, completion=c[: self.max_chars or None], language=lang)
-            for p, c, lang in zip(prompts, completions, _languages(languages, len(prompts)))
+            for p, c, lang in zip(prompts, completions, check_lengths(prompts, languages, completions))
         ]
         return [self._judgement(reply) for reply in _ask(self.client, self.system, texts, self.max_tokens)]
 
@@ -333,7 +320,7 @@ class RewardModelJudge:
         return [float(s) for s in self.scorer(list(prompts), list(completions))]
 
     def compare(self, prompts, completions_a, completions_b, languages=None) -> list[Judgement]:
-        check_lengths(prompts, completions_a, completions_b, languages)
+        check_lengths(prompts, languages, completions_a, completions_b)
         out = []
         for sa, sb in zip(self._scores(prompts, completions_a), self._scores(prompts, completions_b)):
             verdict = "tie" if abs(sa - sb) <= self.tie_margin else ("A" if sa > sb else "B")
@@ -343,5 +330,5 @@ class RewardModelJudge:
         return out
 
     def judge(self, prompts, completions, languages=None) -> list[Judgement]:
-        check_lengths(prompts, completions, languages)
+        check_lengths(prompts, languages, completions)
         return [Judgement(None, s, "ok") for s in self._scores(prompts, completions)]

@@ -111,13 +111,6 @@ class _Matcher:
         return None
 
 
-def split_no_space(entries: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(token entries, substring entries) for a language written without spaces: see the module docstring."""
-    substrings = [e for e in entries if not e.isascii() and len(e.replace(" ", "")) >= 2]
-    kept = set(substrings)
-    return [e for e in entries if e not in kept], substrings
-
-
 class LexiconHarmJudge:
     """Pointwise harm judge (kind "harm") over per-language offensive-word lists; see the module docstring.
 
@@ -158,9 +151,9 @@ class LexiconHarmJudge:
             entries = [e for e in read_entries(self.root / "v1" / "en") if e not in ignored]
             path = lexicon_path(language, self.root)
             own = [e for e in read_entries(path) if e not in ignored] if language != "en" and path else []
-            substrings: list[str] = []
-            if language in NO_SPACE_LANGUAGES:
-                own, substrings = split_no_space(own)
+            # Written without spaces: non-ASCII entries of 2+ characters match as substrings (module docstring).
+            no_space = language in NO_SPACE_LANGUAGES
+            substrings = [e for e in own if no_space and not e.isascii() and len(e.replace(" ", "")) >= 2]
             self._matchers[language] = _Matcher(entries + own, substrings)
         return self._matchers[language]
 
@@ -172,8 +165,7 @@ class LexiconHarmJudge:
         self, prompts: Sequence[str], completions: Sequence[str], languages: Sequence[str] | None = None
     ) -> list[Judgement]:
         """Languages default to "en"; an en-only language says so in each judgement's detail."""
-        check_lengths(prompts, completions, languages)
-        langs = list(languages) if languages is not None else ["en"] * len(completions)
+        langs = check_lengths(prompts, languages, completions, default="en")
         out = []
         for completion, language in zip(completions, langs):
             hit = self.match(completion, language)
