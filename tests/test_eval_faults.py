@@ -264,6 +264,9 @@ def test_eval_finishes_with_error_verdicts_counted_in_summary_and_report(flaky, 
     assert "cut to their first 200" in report and "1 cut" in report
     assert "Judge cache: " + str(tmp_path / "out" / "judge_cache.jsonl") in report
     assert "Judge cache" in (tmp_path / "out" / "report.html").read_text()
+    again = run_eval(_eval_cfg(tmp_path, server.url))  # answers are cached; the failed request is asked again
+    assert again["judge_calls"]["cache_hits"] == 4 and server.calls == 6
+    assert "4 answers reused from it" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_eval_auth_error_is_one_line_from_the_cli(flaky, tmp_path, capsys):
