@@ -224,3 +224,16 @@ def test_hf_backend_runs_a_local_model_as_judge(stories, tmp_path):
     assert all(j.raw and j.status in ("ok", "unparseable") for j in first)
     again = LLMPointwiseJudge(client, max_tokens=6).judge(["p", "q"], ["a", "b"], ["en", "en"])
     assert client.stats["cache_hits"] == 2 and [j.raw for j in again] == [j.raw for j in first]
+
+
+def test_cache_survives_a_torn_last_line(tmp_path):
+    """A crash mid-write leaves half a line: it is cut on open, the whole lines are hits, new answers append."""
+    backend = ScriptedBackend(lambda t: "no")
+    m = [{"role": "user", "content": "x"}]
+    key = request_key(backend.identity(), m, {})
+    path = tmp_path / "cache.jsonl"
+    path.write_text(json.dumps({"key": key, "response": "yes"}) + '\n{"key": "ab', encoding="utf-8")
+    client = _client(backend, cache=path)
+    assert client.complete_many([m, [{"role": "user", "content": "y"}]], {}) == ["yes", "no"]
+    assert backend.calls == 1 and client.stats["cache_hits"] == 1
+    assert [json.loads(line)["response"] for line in path.read_text().splitlines()] == ["yes", "no"]

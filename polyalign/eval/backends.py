@@ -77,7 +77,7 @@ class JsonlCache:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path, self._lock, self._data = Path(path), threading.Lock(), {}
-        JsonlWriter(self.path).close()  # creates the file and its folder, cuts a torn last line
+        self._writer = JsonlWriter(self.path)  # creates the file and its folder, cuts a torn last line
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
@@ -89,9 +89,9 @@ class JsonlCache:
         return self._data.get(key)
 
     def put(self, key: str, response: str) -> None:
-        with self._lock, JsonlWriter(self.path) as writer:
+        with self._lock:
             self._data[key] = response
-            writer.write([{"key": key, "response": response}])
+            self._writer.write([{"key": key, "response": response}])
 
 
 Reply = str | JudgeRequestError | None  # None: not asked, the run was stopping
