@@ -1,25 +1,22 @@
 """Chat backends for LLM judges, and `ChatClient`: the robust way every judge request is made.
 
-A backend turns one chat request (a list of {"role", "content"} messages plus sampling params) into the
-reply text. Two ship here:
-- `OpenAIChatBackend`: any OpenAI-compatible `/v1/chat/completions` endpoint through the `openai` client
-  (`base_url`, `model`, the API key read from a NAMED environment variable; the key is never logged or
-  written anywhere, not even into the cache key);
-- `HFChatBackend`: a local Hugging Face causal LM through `HFEngine`, greedy, one request at a time; it is
-  also the one local generator (chat template or plain prompts, any sampling) of eval, synth and serve.
+Backends: `OpenAIChatBackend`, any OpenAI-compatible `/v1/chat/completions` endpoint (the API key is read from
+a NAMED environment variable, never logged or written, nor part of a cache key); `HFChatBackend`, a local
+Hugging Face causal LM, greedy as a judge and the one local generator of eval, synth and serve.
 
-`ChatClient(backend, cache=...)` adds, for every request:
-- bounded concurrency: a thread pool of `max_workers`;
-- retries with exponential backoff, `backoff_s * 2**attempt` capped at `max_backoff_s` (plus up to 10%
-  jitter), on rate limits (HTTP 429), server errors (5xx), timeouts and connection errors (a backend
-  raises `TransientError` for those); every retry is logged on the `polyalign.eval` logger. Other HTTP errors
-  (400, 401, 404) fail at once: retrying cannot fix them;
-- an on-disk JSONL cache keyed by the SHA-256 of the full request (backend, model, base_url, messages,
-  params). Each answered request is appended (flushed and fsynced) as soon as it arrives, so a rerun, or a
-  run resumed after a crash or an outage, re-asks nothing it already has. Failed requests are not cached.
-  Replies are cached raw, before parsing, so a changed verdict parser re-parses without new requests.
-When a request still fails after `max_retries` retries, the client stops starting new requests, lets the
-running ones finish (they are cached) and raises `JudgeRequestError`, saying how many were answered.
+`ChatClient(backend, cache=...)` adds to every request:
+- bounded concurrency (`max_workers` threads); identical requests in flight at once are sent once, and every
+  caller gets the answer (counted as "merged");
+- retries, each logged on the `polyalign.eval` logger, with backoff `backoff_s * 2**attempt` capped at
+  `max_backoff_s` (+ up to 10% jitter), on 429, 5xx, timeouts, connection errors and truncated or malformed
+  bodies (the backend raises `TransientError` for those);
+- a JSONL cache keyed by the SHA-256 of the full request (backend, model, base_url, messages, params): each
+  raw answer is appended (fsynced) as it arrives, so a rerun re-asks nothing it has. Failures are not cached.
+A request fails for good on another HTTP error (400, e.g. a prompt over the served model's context; 404) or
+when its retries run out. `complete_many(..., keep_errors=True)` (the judges) puts its `JudgeRequestError`
+in its place, and the judge records an "error" verdict; without keep_errors it is raised once the pool
+drains. The run stops (running requests finish and are cached; the error says how many were answered) on
+an auth error (401/403, `JudgeAuthError`) or after `max_consecutive_failures` failures in a row (an outage).
 """
 
 from __future__ import annotations
@@ -31,10 +28,11 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
+
+from polyalign.data.io import JsonlWriter
 
 log = logging.getLogger("polyalign.eval")
 
@@ -42,11 +40,15 @@ Messages = list[dict[str, str]]
 
 
 class TransientError(RuntimeError):
-    """A failure worth retrying: rate limit (429), server error (5xx), timeout, connection error."""
+    """A failure worth retrying: rate limit (429), server error (5xx), timeout, connection error, bad body."""
 
 
-class JudgeRequestError(RuntimeError):
+class JudgeRequestError(ConnectionError):
     """A judge request that failed for good (a permanent error, or retries exhausted)."""
+
+
+class JudgeAuthError(JudgeRequestError):
+    """The endpoint refused the credentials (HTTP 401 / 403): no request can succeed, so the run stops."""
 
 
 class ChatBackend(Protocol):
@@ -57,7 +59,7 @@ class ChatBackend(Protocol):
         ...
 
     def chat(self, messages: Messages, params: dict[str, Any]) -> str:
-        """The reply text; raises TransientError for retryable failures, anything else for permanent ones."""
+        """The reply text; raises TransientError for retryable failures, JudgeRequestError for the others."""
         ...
 
     def describe(self) -> str: ...
@@ -70,38 +72,29 @@ def request_key(identity: dict[str, str], messages: Messages, params: dict[str, 
 
 
 class JsonlCache:
-    """Append-only JSONL of {"key", "response"} lines; a torn last line (a crash mid-write) is ignored."""
+    """Append-only JSONL of {"key", "response"} lines; each put is flushed and fsynced (`JsonlWriter`, which
+    also cuts a torn last line left by a crash)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._data: dict[str, str] = {}
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                    self._data[record["key"]] = record["response"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-            if not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size > 0:
-                with self.path.open("a", encoding="utf-8") as f:
-                    f.write("\n")  # close a torn last line so the next record parses
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __len__(self) -> int:
-        return len(self._data)
+        self.path, self._lock, self._data = Path(path), threading.Lock(), {}
+        self._writer = JsonlWriter(self.path)  # creates the file and its folder, cuts a torn last line
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                self._data[record["key"]] = record["response"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
 
     def get(self, key: str) -> str | None:
         return self._data.get(key)
 
     def put(self, key: str, response: str) -> None:
-        line = json.dumps({"key": key, "response": response}, ensure_ascii=False) + "\n"
         with self._lock:
             self._data[key] = response
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+            self._writer.write([{"key": key, "response": response}])
+
+
+Reply = str | JudgeRequestError | None  # None: not asked, the run was stopping
 
 
 class ChatClient:
@@ -115,16 +108,18 @@ class ChatClient:
         max_retries: int = 4,
         backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
+        max_consecutive_failures: int = 5,
     ) -> None:
-        if max_workers < 1 or max_retries < 0 or backoff_s < 0:
-            raise ValueError("ChatClient: need max_workers >= 1, max_retries >= 0, backoff_s >= 0")
+        if min(max_workers, max_consecutive_failures) < 1 or min(max_retries, backoff_s) < 0:
+            raise ValueError("ChatClient: need workers, max_consecutive_failures >= 1, retries, backoff >= 0")
         self.backend = backend
         self.cache = JsonlCache(cache) if cache is not None else None
         self.max_workers, self.max_retries = max_workers, max_retries
-        self.backoff_s, self.max_backoff_s, self._sleep = backoff_s, max_backoff_s, sleep
-        self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "failures": 0}
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.max_consecutive_failures, self._failures_in_a_row = max_consecutive_failures, 0
+        self.stats = {"requests": 0, "cache_hits": 0, "merged": 0, "retries": 0, "failures": 0}
         self._lock = threading.Lock()
+        self._in_flight: dict[str, Future] = {}
 
     def describe(self) -> str:
         cache = f"cache {self.cache.path}" if self.cache else "no cache"
@@ -134,12 +129,8 @@ class ChatClient:
         with self._lock:
             self.stats[name] += 1
 
-    def _call(self, messages: Messages, params: dict[str, Any], stop: threading.Event) -> str | None:
-        """One request with cache and retries; None when skipped because another request failed for good."""
-        key = request_key(self.backend.identity(), messages, params)
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            self._count("cache_hits")
-            return hit
+    def _ask(self, key: str, messages: Messages, params: dict[str, Any], stop: threading.Event) -> Reply:
+        """One request with retries; the reply is cached. A failure for good is returned, not raised."""
         for attempt in range(self.max_retries + 1):
             if stop.is_set():
                 return None
@@ -148,50 +139,82 @@ class ChatClient:
                 reply = self.backend.chat(messages, params)
             except TransientError as err:
                 if attempt == self.max_retries:
-                    self._count("failures")
-                    raise JudgeRequestError(f"{err} (gave up after {attempt + 1} attempts)") from err
+                    return JudgeRequestError(f"{err} (gave up after {attempt + 1} attempts)")
                 delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
                 delay += random.uniform(0, 0.1 * delay)
                 self._count("retries")
-                log.warning(
-                    "judge request failed (%s); retry %d/%d in %.2fs",
-                    err,
-                    attempt + 1,
-                    self.max_retries,
-                    delay,
-                )
-                self._sleep(delay)
+                retry = f"retry {attempt + 1}/{self.max_retries} in {delay:.2f}s"
+                log.warning("judge request failed (%s); %s", err, retry)
+                time.sleep(delay)
                 continue
-            except JudgeRequestError:
-                self._count("failures")
+            except JudgeAuthError:
                 raise
+            except JudgeRequestError as err:
+                return err
             if self.cache is not None:
                 self.cache.put(key, reply)
             return reply
         raise AssertionError("unreachable")
 
-    def complete_many(self, requests: list[Messages], params: dict[str, Any]) -> list[str]:
-        """Reply texts in request order; raises JudgeRequestError after the pool drains if any failed."""
+    def _call(self, messages: Messages, params: dict[str, Any], stop: threading.Event) -> Reply:
+        """A cache hit, the answer of an identical request in flight, or a new request."""
+        key = request_key(self.backend.identity(), messages, params)
+        with self._lock:
+            hit = self.cache.get(key) if self.cache is not None else None
+            pending = self._in_flight.get(key) if hit is None else None
+            if hit is None and pending is None:
+                mine = self._in_flight[key] = Future()
+        if hit is not None or pending is not None:
+            self._count("cache_hits" if hit is not None else "merged")
+            return hit if hit is not None else pending.result()
+        try:
+            reply = self._ask(key, messages, params, stop)
+            mine.set_result(reply)
+        except BaseException as err:
+            mine.set_exception(err)
+            raise
+        finally:
+            with self._lock:
+                del self._in_flight[key]
+        if reply is not None:
+            failed = isinstance(reply, JudgeRequestError)
+            with self._lock:
+                self.stats["failures"] += failed
+                self._failures_in_a_row = self._failures_in_a_row + 1 if failed else 0
+        return reply
+
+    def complete_many(
+        self, requests: list[Messages], params: dict[str, Any], keep_errors: bool = False
+    ) -> list:
+        """Reply texts in request order; with keep_errors a request that failed for good is its
+        JudgeRequestError in the list, else it is raised after the pool drains (module docstring)."""
         stop = threading.Event()
 
-        def run(messages: Messages) -> str | None:
+        def run(messages: Messages) -> Reply:
             try:
-                return self._call(messages, params, stop)
+                reply = self._call(messages, params, stop)
             except BaseException:
                 stop.set()
                 raise
+            if isinstance(reply, JudgeRequestError) and (
+                not keep_errors or self._failures_in_a_row >= self.max_consecutive_failures
+            ):
+                stop.set()
+            return reply
 
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
             futures = [pool.submit(run, m) for m in requests]
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            done = sum(1 for f in futures if f.exception() is None and f.result() is not None)
+        replies = [f.result() for f in futures]  # raises an auth (or unexpected) error
+        if stop.is_set() or None in replies:
+            failed = next((r for r in replies if isinstance(r, JudgeRequestError)), "stopped")
+            done = sum(isinstance(r, str) for r in replies)
+            why = f"{self._failures_in_a_row} requests in a row failed" if keep_errors else "a request failed"
             kept = f"; answered requests are kept in {self.cache.path}" if self.cache else ""
             raise JudgeRequestError(
                 f"judge backend {self.backend.describe()}: {done} of {len(requests)} requests answered, "
-                f"then a request failed: {errors[0]}{kept}"
-            ) from errors[0]
-        return [f.result() for f in futures]
+                f"then {why}: {failed}{kept}"
+            )
+        return replies
 
 
 class OpenAIChatBackend:
@@ -234,16 +257,19 @@ class OpenAIChatBackend:
         oa = self._openai
         try:
             response = self._client.chat.completions.create(model=self.model, messages=messages, **params)
-        except oa.RateLimitError as err:
-            raise TransientError("HTTP 429 rate limited") from err
-        except oa.InternalServerError as err:
-            raise TransientError(f"HTTP {err.status_code} server error") from err
+        except (oa.RateLimitError, oa.InternalServerError) as err:
+            raise TransientError(f"HTTP {err.status_code}: {err.message}") from err
         except oa.APITimeoutError as err:
             raise TransientError(f"timed out after {self.timeout_s}s") from err
         except oa.APIConnectionError as err:
             raise TransientError(f"connection error ({err.__cause__ or err})") from err
+        except (oa.AuthenticationError, oa.PermissionDeniedError) as err:
+            why = f"the judge endpoint refused the key in ${self.api_key_env} ({err.message})"
+            raise JudgeAuthError(f"HTTP {err.status_code}: {why}") from err
         except oa.APIStatusError as err:
             raise JudgeRequestError(f"HTTP {err.status_code}: {err.message}") from err
+        except json.JSONDecodeError as err:
+            raise TransientError(f"truncated or malformed JSON body ({err})") from err
         try:
             content = response.choices[0].message.content
         except (AttributeError, IndexError, TypeError) as err:

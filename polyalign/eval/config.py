@@ -31,6 +31,8 @@ class EndpointConfig:
     """Retries of a rate-limited, failed or timed-out request, with exponential backoff from backoff_s."""
     timeout_s: float = 60.0
     backoff_s: float = 1.0
+    max_consecutive_failures: int = 5
+    """This many requests in a row failing for good (after retries) stop the run; one is an "error" verdict."""
     cache: str | None = None
     """Request cache file; a relative path is under the run's out_dir; None = no cache."""
 
@@ -46,6 +48,8 @@ class JudgeConfig(EndpointConfig):
     """None = judges.HARM_TEMPLATE; needs {prompt} {completion}, optional {language}."""
     system: str | None = None
     max_tokens: int = 16
+    max_chars: int = 4000
+    """LLM judges: each completion is cut to its first max_chars characters in the judge prompt; 0 = no cut."""
     cache: str | None = "judge_cache.jsonl"
     tie_margin: float = 0.0
     """reward_model: |score difference| at or below this is a tie."""

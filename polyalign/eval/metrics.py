@@ -18,6 +18,7 @@ times, recompute the statistic, take the (1-c)/2 and (1+c)/2 quantiles), determi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -47,23 +48,20 @@ def _check_policy(tie_policy: str) -> None:
         raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
 
 
-def win_rate(wins: int, losses: int, ties: int, tie_policy: str = "half") -> float | None:
-    """Win-rate from counts under `tie_policy` (module docstring); None when undefined (no items, or only
-    ties under "exclude")."""
-    _check_policy(tie_policy)
-    if tie_policy == "exclude":
-        return wins / (wins + losses) if wins + losses else None
-    total = wins + losses + ties
-    if not total:
-        return None
-    return (wins + (0.5 * ties if tie_policy == "half" else 0.0)) / total
-
-
 def _win_rate_tensor(w: torch.Tensor, lo: torch.Tensor, t: torch.Tensor, tie_policy: str) -> torch.Tensor:
-    """Vectorised win_rate over resamples; NaN where undefined. Shapes: (R,) counts -> (R,)."""
+    """Win-rate from win / loss / tie counts under `tie_policy` (module docstring); NaN where undefined.
+    Shapes: (R,) counts -> (R,)."""
     if tie_policy == "exclude":
         return w / (w + lo)  # 0/0 = NaN
     return (w + (0.5 * t if tie_policy == "half" else 0.0)) / (w + lo + t)
+
+
+def win_rate(wins: int, losses: int, ties: int, tie_policy: str = "half") -> float | None:
+    """Win-rate from counts; None when undefined (no items, or only ties under "exclude")."""
+    _check_policy(tie_policy)
+    counts = (torch.tensor(float(x), dtype=torch.float64) for x in (wins, losses, ties))
+    value = float(_win_rate_tensor(*counts, tie_policy))
+    return None if math.isnan(value) else value
 
 
 def bootstrap_interval(
@@ -129,28 +127,27 @@ def rate_estimate(
     )
 
 
-def group_values(records: Iterable[dict], key: str, value: str) -> dict[str, list]:
-    """{group: [record[value], ...]} for records whose `key` is set (a missing / None key is not a group)."""
+def _by(records: Iterable[dict], key: str, value: str, estimate: Callable, **kwargs) -> dict[str, Estimate]:
+    """estimate(the `value` fields) per group of records whose `key` is set; groups with nothing measured are
+    absent."""
     groups: dict[str, list] = {}
     for record in records:
-        group = record.get(key)
-        if group is not None:
-            groups.setdefault(str(group), []).append(record.get(value))
-    return groups
+        if record.get(key) is not None:
+            groups.setdefault(str(record[key]), []).append(record.get(value))
+    out = {g: estimate(values, **kwargs) for g, values in sorted(groups.items())}
+    return {g: e for g, e in out.items() if e is not None}
 
 
 def win_rates_by(records: Iterable[dict], key: str = "language", **kwargs) -> dict[str, Estimate]:
-    """Win-rate per group of records with an "outcome" field; groups with nothing measured are absent."""
-    out = {
-        g: win_rate_estimate(v, **kwargs) for g, v in sorted(group_values(records, key, "outcome").items())
-    }
-    return {g: e for g, e in out.items() if e is not None}
+    """Win-rate per group of records with an "outcome" field."""
+    return _by(records, key, "outcome", win_rate_estimate, **kwargs)
 
 
-def harm_rates_by(records: Iterable[dict], key: str = "language", **kwargs) -> dict[str, Estimate]:
-    """Harm rate per group of records with a "harmful" field (True / False / None = not measured)."""
-    out = {g: rate_estimate(v, **kwargs) for g, v in sorted(group_values(records, key, "harmful").items())}
-    return {g: e for g, e in out.items() if e is not None}
+def harm_rates_by(
+    records: Iterable[dict], key: str = "language", value: str = "harmful", **kwargs
+) -> dict[str, Estimate]:
+    """Rate of True per group of records with a boolean `value` field (True / False / None = not measured)."""
+    return _by(records, key, value, rate_estimate, **kwargs)
 
 
 def relative_reduction(base: dict[str, float], tuned: dict[str, float]) -> dict[str, float | None]:

@@ -37,6 +37,11 @@ class PromptSetConfig:
     """XSafety categories; empty = the 13 unsafe ones; "commonsense" = the benign set."""
     per_group: int = 5
     """First N prompts per (language, category); 0 = all."""
+    layout: str = "long"
+    """Prompt files: long (a row per prompt: prompt, language, harm_category, ...) | wide (a column per
+    language, MultiJail's id,source,tags,en,zh,...)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Prompt files: {field: column in the file}, e.g. {prompt: question} or, wide, {id: uid, tags: labels}."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,13 @@ def validate(cfg: EvalRunConfig) -> None:
     check(kind == "lexicon" or bool(cfg.judge.model), f"judge.model: name the {kind} judge model")
     check(cfg.tie_policy in TIE_POLICIES, f"tie_policy: {cfg.tie_policy!r} not in {TIE_POLICIES}")
     check(cfg.generation.too_long in ("skip", "error"), "generation.too_long must be skip or error")
+    p = cfg.prompts
+    check(p.layout in ("long", "wide"), f"prompts.layout: {p.layout!r} must be long or wide")
+    builtin = p.source in ("xsafety", "mgsm")
+    check(
+        not builtin or (p.layout == "long" and not p.columns),
+        f"prompts.layout and prompts.columns apply to prompt files, not the builtin {p.source!r}",
+    )
     check(
         cfg.prompts.source != "" or cfg.model.completions is not None,
         "prompts.source '' needs model.completions",

@@ -4,10 +4,16 @@
   prompts each. The upstream folder `sp` is Spanish and is returned as "es"; category names are normalised
   (`_n` / `_en` suffixes and the `ru` misspelling removed). XSafety has no global/local labels.
 - MGSM (shipped, CC BY 4.0): 250 grade-school math problems x 11 languages, integer answers.
-- Any JSONL / JSON / CSV / Parquet file in the Aya red-teaming layout: `prompt`, `language` (a BCP-47 code
-  or an English language name such as "Hindi"), optionally `harm_category`, `global_or_local`
-  ("global" | "local") and `answer` (an integer, for exact match). Every bad row is an error naming the
-  file, the line or row, and the field.
+- Any JSONL / JSON / CSV / Parquet file in the Aya red-teaming layout (`layout: long`): `prompt`,
+  `language` (a BCP-47 code or an English language name such as "Hindi"), optionally `harm_category` (a
+  label, or a list or list literal such as "['Violence', 'Hate Speech']": all labels are kept in
+  `categories`, the first is the harm_category), `global_or_local` ("global" | "local") and `answer` (an
+  integer, for exact match). Every bad row is an error naming the file, the line or row, and the field.
+- A file with one column per language (`layout: wide`, MultiJail's `id,source,tags,en,zh,it,vi,...`): one
+  prompt per non-empty cell (empty cells are skipped and counted), `tags` (a list literal) giving the
+  categories (`polyalign.data.columns.wide_to_long`).
+Columns named otherwise are renamed with `columns: {field: column in the file}` (`map_columns`), e.g.
+`{prompt: question}` or, for a wide file, `{id: uid, tags: labels}`.
 
 `per_group` keeps the first N prompts of each (language, category) group in file order (0 = all), so a
 subset is the same on every run.
@@ -20,6 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from polyalign.data.columns import map_columns, parse_labels, wide_to_long
 from polyalign.data.io import DataError, field_error, get_field, read_table, text_field
 from polyalign.data.languages import normalise_language
 
@@ -42,6 +49,7 @@ class EvalPrompt:
     harm_category: str | None = None
     global_or_local: str | None = None  # "global" | "local" | None (not labelled)
     answer: int | None = None  # MGSM / exact match
+    categories: tuple[str, ...] = ()  # every harm label of the prompt; harm_category is the first
 
 
 def _check_languages(requested: list[str] | None, available: tuple[str, ...], source: str) -> list[str]:
@@ -132,21 +140,28 @@ def _file_prompt(row: dict, where: str, ident: str) -> EvalPrompt:
             raise field_error(where, "answer", f"expected an integer, got {answer!r}", "bad_answer") from None
     else:
         answer = None
-    category = _optional_text(row, "harm_category", where)
-    return EvalPrompt(ident, prompt, language, category, label.lower() if label else None, answer)
+    labels = tuple(parse_labels(row.get("harm_category")))
+    category = labels[0] if labels else None
+    return EvalPrompt(ident, prompt, language, category, label.lower() if label else None, answer, labels)
 
 
-def load_prompt_file(
-    path: str | Path, languages: list[str] | None = None, per_group: int = 0
-) -> list[EvalPrompt]:
-    """Prompts from a file in the Aya red-teaming layout (module docstring); `languages` filters."""
+def _read_rows(path: str | Path, columns: dict[str, str] | None) -> tuple[list[dict], list[str]]:
+    """(rows with mapped columns renamed, their locations), or a DataError for an empty file."""
     table = read_table(path)
     if not table.rows:
         raise DataError(f"{path}: no rows", "empty")
+    return map_columns(table.rows, dict(columns or {}), str(path)), table.locations
+
+
+def load_prompt_file(
+    path: str | Path, languages: list[str] | None = None, per_group: int = 0, columns: dict | None = None
+) -> list[EvalPrompt]:
+    """Prompts from a file in the Aya red-teaming layout (module docstring); `languages` filters."""
+    rows, locations = _read_rows(path, columns)
     wanted = {normalise_language(lang, f"{path} languages") for lang in languages or []}
     prompts = [
         _file_prompt(row, f"{path}: {loc}", f"{Path(path).name}:{loc.split()[-1]}")
-        for row, loc in zip(table.rows, table.locations)
+        for row, loc in zip(rows, locations)
     ]
     if wanted:
         missing = wanted - {p.language for p in prompts}
@@ -154,6 +169,25 @@ def load_prompt_file(
             raise ValueError(f"{path}: no prompts in languages {sorted(missing)}")
         prompts = [p for p in prompts if p.language in wanted]
     return first_per_group(prompts, per_group)
+
+
+def load_wide_file(
+    path: str | Path, languages: list[str] | None = None, per_group: int = 0, columns: dict | None = None
+) -> tuple[list[EvalPrompt], int]:
+    """(prompts, empty cells skipped) from a file with one column per language (module docstring);
+    `languages` picks columns (default: every column named by a language code)."""
+    rows, _ = _read_rows(path, columns)
+    records, empty = wide_to_long(rows, str(path), languages=languages or None)
+    prompts = []
+    for r in records:
+        try:
+            language = normalise_language(r["language"], f"{path}: column {r['language']!r}")
+        except ValueError as err:
+            raise DataError(str(err), "bad_language") from None
+        ident = f"{Path(path).name}:{r['id']}/{r['language']}"
+        labels = tuple(r["categories"])
+        prompts.append(EvalPrompt(ident, r["prompt"].strip(), language, r["category"], categories=labels))
+    return first_per_group(prompts, per_group), empty
 
 
 def first_per_group(prompts: list[EvalPrompt], per_group: int) -> list[EvalPrompt]:

@@ -1,8 +1,12 @@
 """The evaluation report: report.md + report.html from the summary of `run_eval`, per-language bar plots.
 
 Prints the judge's `describe()` line and its notes (for the lexicon judge: which languages it judges with
-the English list only, and that it is a crude proxy); cells that were not measured are written "-" (absent),
-never 0. Rendering (blocks -> Markdown / HTML, plots) is `polyalign.recipes.report`'s.
+the English list only, and that it is a crude proxy), whether a judge cache was used and how much it
+answered, and the rule by which long completions were cut in the judge's prompts. Every rate has its n
+beside it: "harm 12.5% (n=144/150; 2 unparseable, 4 errors)" is 18 harmful of the 144 verdicts read, out
+of 150 completions; a headline resting on under 90% of its items says so. Cells that were not measured
+are written "-" (absent), never 0. Rendering (blocks -> Markdown / HTML, plots) is
+`polyalign.recipes.report`'s.
 """
 
 from __future__ import annotations
@@ -23,6 +27,33 @@ def _est(e: dict | None) -> str:
     if not e:
         return "-"
     return f"{_fmt(e['value'])} [{_fmt(e['low'])}, {_fmt(e['high'])}]"
+
+
+def _n(c: dict) -> str:
+    """ "n=144/150; 2 unparseable, 4 errors" from a counts dict (see `run._counts`)."""
+    extra = f"; {c['not_covered']} not covered" if c.get("not_covered") else ""
+    return f"n={c['n']}/{c['total']}; {c['unparseable']} unparseable, {c['errors']} errors{extra}"
+
+
+def rate_line(name: str, c: dict) -> str:
+    """One headline rate with its n, and a caution when it rests on under 90% of the items."""
+    value = _fmt(c["overall"]["value"]) if c.get("overall") else "undefined"
+    text = f"{name} {value} ({_n(c)})"
+    if c["n"] < 0.9 * c["total"]:
+        text += f" [caution: rests on {c['n']} of {c['total']} verdicts]"
+    return text
+
+
+def headline(summary: dict) -> list[str]:
+    """The model's headline rates, each with its n (the CLI's summary line)."""
+    lines = []
+    if "harm" in summary:
+        lines.append(rate_line("harm", summary["harm"]["sides"]["model"]))
+    if "win_rate" in summary:
+        lines.append(rate_line("win-rate", summary["win_rate"]))
+    if "exact_match" in summary:
+        lines.append(rate_line("exact match", summary["exact_match"]["model"]))
+    return lines
 
 
 def bar_plot(
@@ -53,12 +84,13 @@ def _rate_table(title: str, sides: dict[str, dict], key: str, reduction: dict | 
     groups = sorted({g for s in sides.values() for g in s.get(key, {})})
     if not groups:
         return []
-    header = ["group", *[f"{name} rate [CI]" for name in sides], *[f"{name} n" for name in sides]]
+    header = ["group", *[f"{name} rate [CI]" for name in sides], *[f"{name} n/total" for name in sides]]
     header += ["relative reduction"] if reduction is not None else []
     rows = []
     for g in groups:
         row = [g, *[_est(s.get(key, {}).get(g)) for s in sides.values()]]
-        row += [str(s.get(key, {}).get(g, {}).get("n", "-")) for s in sides.values()]
+        cells = [s.get(key, {}).get(g) for s in sides.values()]
+        row += [f"{e['n']}/{e['total']}" if e else "-" for e in cells]
         if reduction is not None:
             row.append(_fmt(reduction[key][g]) if g in reduction.get(key, {}) else "-")
         rows.append(row)
@@ -80,11 +112,7 @@ def _harm_blocks(harm: dict, out_dir: Path) -> list[Block]:
     sides, reduction = harm["sides"], harm.get("relative_reduction")
     blocks: list[Block] = [("h", 2, "Harm rate (% of completions judged harmful)")]
     for name, s in sides.items():
-        covered = ", ".join(f"{k}: {v}" for k, v in s["not_covered"].items()) or "none"
-        text = f"{name}: overall {_est(s.get('overall'))} over {s['judged']} judged completions; "
-        blocks.append(
-            ("p", text + f"unparseable verdicts: {s['unparseable']}; not covered by the judge: {covered}.")
-        )
+        blocks.append(("p", f"{rate_line(name + ': harm', s)}; interval {_est(s.get('overall'))}."))
     if reduction is not None and "overall" in reduction:
         text = (
             f"Relative harm reduction (baseline - model) / baseline, overall: {_fmt(reduction['overall'])}."
@@ -105,17 +133,17 @@ def _harm_blocks(harm: dict, out_dir: Path) -> list[Block]:
 
 def _win_blocks(win: dict, out_dir: Path) -> list[Block]:
     text = (
-        f"Tie policy: {win['tie_policy']}. Overall {_est(win.get('overall'))}; mean over languages "
-        f"{_fmt(win.get('macro_mean'))}. Unparseable pairs: {win['unparseable']}; ties from order "
-        f"disagreement: {win['disagreements']}."
+        f"Tie policy: {win['tie_policy']}. {rate_line('Overall', win)}; interval {_est(win.get('overall'))}; "
+        f"mean over languages {_fmt(win.get('macro_mean'))}. Ties from order disagreement: "
+        f"{win['disagreements']}."
     )
     blocks: list[Block] = [("h", 2, "Win-rate against the baseline"), ("p", text)]
     rows = [
-        [g, _est(e), str(e["win"]), str(e["loss"]), str(e["tie"]), str(e["n"])]
+        [g, _est(e), str(e["win"]), str(e["loss"]), str(e["tie"]), f"{e['n']}/{e['total']}"]
         for g, e in sorted(win["by_language"].items())
     ]
     if rows:
-        blocks.append(("table", ["language", "win-rate [CI]", "wins", "losses", "ties", "n"], rows))
+        blocks.append(("table", ["language", "win-rate [CI]", "wins", "losses", "ties", "n/total"], rows))
         points = dict(win["by_language"], **({"overall": win["overall"]} if win.get("overall") else {}))
         blocks += _by_language_plot(
             out_dir, "win_rate_by_language", {"model": points}, "Win-rate by language", "win-rate", 0.5
@@ -126,11 +154,34 @@ def _win_blocks(win: dict, out_dir: Path) -> list[Block]:
 def _exact_blocks(exact: dict, out_dir: Path) -> list[Block]:
     blocks: list[Block] = [("h", 2, "Exact match (final integer)")]
     blocks += _rate_table("By language", exact, "by_language", None)
-    blocks += [("p", f"{name}: overall {_est(s.get('overall'))}.") for name, s in exact.items()]
+    blocks += [
+        ("p", f"{rate_line(name, s)}; interval {_est(s.get('overall'))}.") for name, s in exact.items()
+    ]
     series = {name: s["by_language"] for name, s in exact.items()}
     return blocks + _by_language_plot(
         out_dir, "exact_match_by_language", series, "Exact match by language", "accuracy"
     )
+
+
+def _judge_requests(summary: dict) -> list[Block]:
+    """Whether a judge cache was used (and how much it answered), the request counts, the cut rule."""
+    calls = summary.get("judge_calls")
+    if calls is None:
+        return [("p", "Judge cache: none (no LLM judge; the judge runs offline).")]
+    cache = summary.get("judge_cache")
+    text = (
+        f"Judge cache: {cache}, {calls['cache_hits']} answers reused from it."
+        if cache
+        else "Judge cache: none (judge.cache is null): every request was sent."
+    )
+    text += " Judge requests: " + ", ".join(f"{k} {v}" for k, v in calls.items()) + "."
+    cut = summary["judge_prompts"]
+    if cut["max_chars"]:
+        text += (
+            f" Completions longer than {cut['max_chars']} characters are cut to their first {cut['max_chars']}"
+            f" in the judge's prompt (judge.max_chars): {cut['completions_cut']} cut."
+        )
+    return [("p", text)]
 
 
 def report_blocks(summary: dict, out_dir: Path) -> list[Block]:
@@ -144,15 +195,13 @@ def report_blocks(summary: dict, out_dir: Path) -> list[Block]:
         ("p", f"Judge: {summary['judge']}"),
     ]
     blocks += [("p", f"Judge note: {note}") for note in summary.get("judge_notes", [])]
+    blocks += _judge_requests(summary)
     if "harm" in summary:
         blocks += _harm_blocks(summary["harm"], out_dir)
     if "win_rate" in summary:
         blocks += _win_blocks(summary["win_rate"], out_dir)
     if "exact_match" in summary:
         blocks += _exact_blocks(summary["exact_match"], out_dir)
-    calls = summary.get("judge_calls")
-    if calls:
-        blocks.append(("p", "Judge requests: " + ", ".join(f"{k} {v}" for k, v in calls.items()) + "."))
     bootstrap = f"({summary['bootstrap']['resamples']} resamples, {summary['bootstrap']['confidence']:.0%})"
     text = f"Intervals: percentile bootstrap over prompts {bootstrap}. '-' = not measured. Raw judgements: "
     return blocks + [("p", text + "judgements.jsonl.")]

@@ -4,41 +4,52 @@ a prompt set with a judge, and write a report.
     polyalign eval configs/eval/xsafety-lexicon.yaml --model.model=stories260K --out_dir=runs/eval
 
 Phases of `run_eval(cfg)`, in order:
-1. prompts: shipped XSafety / MGSM, or a file in the Aya red-teaming layout (`prompts.py`);
+1. prompts: shipped XSafety / MGSM, or a file: a row per prompt (the Aya red-teaming layout) or a column per
+   language (MultiJail's layout, `prompts.layout: wide`), columns renamed by `prompts.columns` (`prompts.py`);
 2. completions for the model and the optional baseline: generated with HFEngine (greedy by default) or read
    from a JSONL/JSON/CSV file with `prompt` and `completion` columns (matched to the prompt set by prompt
    text). Prompts longer than a model's context are skipped and counted (`generation.too_long: skip`) or an
    error (`error`); a prompt skipped for one side is dropped for both;
 3. judging, per metric in `metrics`: `harm` (a pointwise harm judge on every completion), `win_rate` (the
    pairwise judge, model = A vs baseline = B, in both orders), `exact_match` (the final integer vs the
-   prompt's answer; no judge). Judgements are appended to `judgements.jsonl` after every chunk, and LLM
-   requests land in the judge cache as they are answered, so a failed run keeps what it did;
-4. metrics (`metrics.py`) into `summary.json`; `report.md` + `report.html` with plots
-   (`polyalign.recipes.report`).
+   prompt's answer; no judge) (`judging.py`). Judgements are appended to `judgements.jsonl` after every
+   chunk, and LLM requests land in the judge cache as they are answered, so a stopped run keeps what it did.
+   A judge request that fails for good is an "error" verdict, counted like an unparseable one;
+4. metrics (`metrics.py`) into `summary.json`: every rate with its n (the verdicts it rests on) and the
+   total, unparseable and error counts beside it; `report.md` + `report.html` with plots (`report.py`).
+Generation and judging print `done/total (rate)` progress lines when they take more than a few seconds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 
 from polyalign.config import ConfigError, check, dump_yaml, load_config
 from polyalign.data.io import DataError, JsonlWriter, get_field, read_table
 from polyalign.eval import metrics
 from polyalign.eval.backends import HFChatBackend
-from polyalign.eval.build import build_judges
 from polyalign.files import atomic_write_text
 from polyalign.recipes.evaluate.config import EvalRunConfig, GenerationConfig, SideConfig
+from polyalign.recipes.evaluate.judging import (
+    Judges,
+    ProgressLine,
+    base_record,
+    build_judges,
+    judge_exact,
+    judge_harm,
+    judge_pairs,
+)
 from polyalign.recipes.evaluate.prompts import (
     EvalPrompt,
-    exact_match,
-    extract_final_integer,
     load_mgsm,
     load_prompt_file,
+    load_wide_file,
     load_xsafety,
 )
-from polyalign.recipes.evaluate.report import write_eval_report
+from polyalign.recipes.evaluate.report import headline, write_eval_report
 
 
 def load_prompts(cfg: EvalRunConfig) -> tuple[list[EvalPrompt], str]:
@@ -58,7 +69,11 @@ def load_prompts(cfg: EvalRunConfig) -> tuple[list[EvalPrompt], str]:
             langs, p.per_group
         ), f"MGSM {p.languages or 'all languages'}, first {p.per_group or 'all'}"
     source = p.source or cfg.model.completions
-    return load_prompt_file(source, langs, p.per_group), f"file {source}"
+    first = f"first {p.per_group} per (language, category)" if p.per_group else "all prompts"
+    if p.layout == "wide":
+        prompts, empty = load_wide_file(source, langs, p.per_group, p.columns)
+        return prompts, f"file {source} (a column per language; {empty} empty cells skipped), {first}"
+    return load_prompt_file(source, langs, p.per_group, p.columns), f"file {source}, {first}"
 
 
 def read_completions(path: str, prompts: list[EvalPrompt]) -> dict[str, str]:
@@ -100,138 +115,50 @@ def generate(
         )
     ids = [p.id for p in prompts if p.id not in set(skipped)]
     out: dict[str, str] = {}
+    progress = ProgressLine(f"generating ({model_name})", len(ids), "prompts")
     for b, start in enumerate(range(0, len(ids), g.batch_size)):
         batch = ids[start : start + g.batch_size]
         sampling = Sampling(
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=seed + b
         )
         out.update(zip(batch, chat.generate([texts[i] for i in batch], 1, sampling).completions))
+        progress.advance(len(batch))
     return out, skipped
 
 
-def _base_record(p: EvalPrompt) -> dict:
+def _counts(records: list[dict], value: str) -> dict:
+    """n (records with a measured `value`) beside the total and the reasons for the rest."""
+    status = [r.get("status", "ok") for r in records]
     return {
-        "id": p.id,
-        "language": p.language,
-        "harm_category": p.harm_category,
-        "global_or_local": p.global_or_local,
-        "prompt": p.prompt,
+        "n": sum(r[value] is not None for r in records),
+        "total": len(records),
+        "unparseable": status.count("unparseable"),
+        "errors": status.count("error"),
+        "not_covered": status.count("not_covered"),
     }
 
 
-def _judged(j, extra: dict) -> dict:
-    return {
-        "verdict": j.verdict,
-        "score": j.score,
-        "status": j.status,
-        "raw": list(j.raw),
-        "detail": j.detail,
-        **extra,
-    }
-
-
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def judge_harm(
-    judge, prompts: list[EvalPrompt], completions: dict, side: str, writer: JsonlWriter, size: int
-) -> list[dict]:
-    records = []
-    for chunk in _chunks(prompts, size):
-        texts = [completions[p.id] for p in chunk]
-        verdicts = judge.judge([p.prompt for p in chunk], texts, [p.language for p in chunk])
-        batch = [
-            {
-                "metric": "harm",
-                "side": side,
-                **_base_record(p),
-                "completion": c,
-                **_judged(v, {"harmful": None if v.verdict is None else v.verdict == "yes"}),
-            }
-            for p, c, v in zip(chunk, texts, verdicts)
-        ]
-        writer.write(batch)
-        records += batch
-    return records
-
-
-def judge_pairs(
-    judge, prompts: list[EvalPrompt], model: dict, base: dict, writer: JsonlWriter, size: int
-) -> list[dict]:
-    outcome = {"A": "win", "B": "loss", "tie": "tie", None: None}
-    records = []
-    for chunk in _chunks(prompts, size):
-        a, b = [model[p.id] for p in chunk], [base[p.id] for p in chunk]
-        verdicts = judge.compare([p.prompt for p in chunk], a, b, [p.language for p in chunk])
-        batch = [
-            {
-                "metric": "win_rate",
-                **_base_record(p),
-                "completion": ca,
-                "baseline_completion": cb,
-                **_judged(v, {"outcome": outcome[v.verdict]}),
-            }
-            for p, ca, cb, v in zip(chunk, a, b, verdicts)
-        ]
-        writer.write(batch)
-        records += batch
-    return records
-
-
-def judge_exact(prompts: list[EvalPrompt], completions: dict, side: str, writer: JsonlWriter) -> list[dict]:
-    missing = [p.id for p in prompts if p.answer is None]
-    if missing:
-        raise ValueError(
-            f"metrics exact_match: prompt {missing[0]} has no answer (use mgsm or a file with 'answer')"
-        )
-    records = [
-        {
-            "metric": "exact_match",
-            "side": side,
-            **_base_record(p),
-            "completion": completions[p.id],
-            "answer": p.answer,
-            "predicted": extract_final_integer(completions[p.id]),
-            "correct": exact_match(completions[p.id], p.answer),
-        }
-        for p in prompts
-    ]
-    writer.write(records)
-    return records
+def _by(records: list[dict], key: str, estimate) -> dict:
+    """{group: estimate dict with its total (records of the group, measured or not)}; unmeasured absent."""
+    totals = Counter(str(r[key]) for r in records if r.get(key) is not None)
+    return {g: {**e.as_dict(), "total": totals[g]} for g, e in estimate(records, key).items()}
 
 
 def _estimates(records: list[dict], value: str, kw: dict) -> dict:
-    """overall + by_language / by_label / by_category estimates of a boolean field, absent where unmeasured."""
-    est = lambda key: {
-        g: e.as_dict()
-        for g, e in metrics.harm_rates_by(
-            [{key: r[key], "harmful": r[value]} for r in records], key, **kw
-        ).items()
-    }
+    """overall + by_language / by_label / by_category estimates of a boolean field, with the counts."""
+    est = lambda rs, key: metrics.harm_rates_by(rs, key, value, **kw)
     overall = metrics.rate_estimate([r[value] for r in records], **kw)
     return {
         "overall": overall.as_dict() if overall else None,
-        "by_language": est("language"),
-        "by_label": est("global_or_local"),
-        "by_category": est("harm_category"),
+        **_counts(records, value),
+        "by_language": _by(records, "language", est),
+        "by_label": _by(records, "global_or_local", est),
+        "by_category": _by(records, "harm_category", est),
     }
 
 
 def harm_summary(per_side: dict[str, list[dict]], kw: dict) -> dict:
-    sides = {}
-    for side, records in per_side.items():
-        not_covered: dict[str, int] = {}
-        for r in records:
-            if r["status"] == "not_covered":
-                not_covered[r["language"]] = not_covered.get(r["language"], 0) + 1
-        sides[side] = {
-            **_estimates(records, "harmful", kw),
-            "judged": sum(r["harmful"] is not None for r in records),
-            "unparseable": sum(r["status"] == "unparseable" for r in records),
-            "not_covered": not_covered,
-        }
+    sides = {side: _estimates(records, "harmful", kw) for side, records in per_side.items()}
     out: dict = {"sides": sides}
     if "baseline" in sides:
         values = lambda s, key: {g: e["value"] for g, e in s[key].items()}
@@ -248,15 +175,30 @@ def harm_summary(per_side: dict[str, list[dict]], kw: dict) -> dict:
 
 
 def win_summary(records: list[dict], tie_policy: str, kw: dict) -> dict:
-    by_language = metrics.win_rates_by(records, "language", tie_policy=tie_policy, **kw)
+    by_language = _by(
+        records, "language", lambda rs, key: metrics.win_rates_by(rs, key, tie_policy=tie_policy, **kw)
+    )
     overall = metrics.win_rate_estimate([r["outcome"] for r in records], tie_policy, **kw)
     return {
         "tie_policy": tie_policy,
         "overall": overall.as_dict() if overall else None,
-        "by_language": {g: e.as_dict() for g, e in by_language.items()},
-        "macro_mean": metrics.macro_mean({g: e.value for g, e in by_language.items()}),
-        "unparseable": sum(r["status"] == "unparseable" for r in records),
+        **_counts(records, "outcome"),
+        "by_language": by_language,
+        "macro_mean": metrics.macro_mean({g: e["value"] for g, e in by_language.items()}),
         "disagreements": sum(r["detail"].startswith("orders disagree") for r in records),
+    }
+
+
+def judge_summary(judges: Judges, completions: dict) -> dict:
+    """How the judge was asked: its cache, request counts and the completions cut in its prompts."""
+    if judges.client is None:
+        return {"judge_cache": None}
+    c = judges.client
+    cut = sum(len(text) > judges.max_chars > 0 for side in completions.values() for text in side.values())
+    return {
+        "judge_cache": str(c.cache.path) if c.cache is not None else None,
+        "judge_calls": dict(c.stats),
+        "judge_prompts": {"max_chars": judges.max_chars, "completions_cut": cut},
     }
 
 
@@ -293,7 +235,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     completions, prompts, skipped = collect_completions(cfg, prompts)
     JsonlWriter(out / "completions.jsonl", append=False).write(
         [
-            {"side": s, **_base_record(p), "completion": c[p.id]}
+            {"side": s, **base_record(p), "completion": c[p.id]}
             for s, c in completions.items()
             for p in prompts
         ]
@@ -329,8 +271,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
                 cfg.chunk_size,
             )
             summary["win_rate"] = win_summary(records, cfg.tie_policy, kw)
-    if judges.client is not None:
-        summary["judge_calls"] = dict(judges.client.stats)
+    summary.update(judge_summary(judges, completions))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     summary["report"] = {k: str(v) for k, v in write_eval_report(summary, out).items()}
     return summary
@@ -343,11 +284,5 @@ def cli_eval(config_path: str | None, overrides: list[str] = ()) -> int:
     except ConfigError as err:
         raise SystemExit(f"polyalign eval: {err}") from None
     summary = run_eval(cfg)
-    harm = summary.get("harm", {}).get("sides", {}).get("model", {}).get("overall")
-    win = summary.get("win_rate", {}).get("overall")
-    parts = [
-        f"harm rate {100 * harm['value']:.1f}%" if harm else "",
-        f"win-rate {100 * win['value']:.1f}%" if win else "",
-    ]
-    print(f"polyalign eval: {', '.join(p for p in parts if p) or 'done'}; report: {summary['report']['md']}")
+    print(f"polyalign eval: {'; '.join(headline(summary)) or 'done'}; report: {summary['report']['md']}")
     return 0
