@@ -18,6 +18,7 @@ Shapes: prompt_ids/prompt_mask (B, Tp), completion_ids/completion_mask (B, T), o
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -125,11 +126,26 @@ def _completion_hidden(
     return hidden.gather(1, columns[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _head_chunks(head: nn.Module, hidden: torch.Tensor, temperature: float, chunk: int):
+def logits_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden states (..., H) -> float32 logits (..., V) exactly as the model's ForCausalLM forward gives them:
+    the output head, then the map some families apply after it (gemma2/gemma3: c tanh(logits / c) with
+    c = config.final_logit_softcapping; cohere: logits * config.logit_scale). Rollouts and training share it."""
+    head, config = model.get_output_embeddings(), model.config.get_text_config()
+    cap, scale = getattr(config, "final_logit_softcapping", None), getattr(config, "logit_scale", None)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = head(hidden).float()
+        out = out if cap is None else torch.tanh(out / cap) * cap
+        return out if scale is None else out * scale
+
+    return logits
+
+
+def _head_chunks(head, hidden: torch.Tensor, temperature: float, chunk: int):
     """Yield (row slice, float32 logits / temperature), `chunk` rows of `hidden` at a time."""
     for start in range(0, hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
-        logits = head(hidden[rows]).float()
+        logits = head(hidden[rows])
         yield rows, (logits / temperature if temperature != 1.0 else logits)
 
 
@@ -194,7 +210,8 @@ def completion_logprobs_and_entropy(
     """Per-token log-probs (B, T) and, if asked, entropies (B, T) of softmax(logits / temperature).
 
     Both are 0 where completion_mask == 0. Works for any causal LM whose `base_model` returns
-    `last_hidden_state` and whose `get_output_embeddings()` is the LM head (all HF decoder models).
+    `last_hidden_state` and whose `get_output_embeddings()` is the LM head (all HF decoder models); the
+    logits are the ForCausalLM forward's (`logits_head`).
     """
     _check_temperature(temperature)
     model = unwrap_peft(model)
@@ -203,7 +220,7 @@ def completion_logprobs_and_entropy(
         empty = completion_ids.new_zeros((batch, 0), dtype=torch.float32)
         return empty, (empty if with_entropy else None)
     hidden = _completion_hidden(model.base_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-    head = model.get_output_embeddings()
+    head = logits_head(model)
     mask = completion_mask.bool()
     # Only real completion tokens go through the head: (N, H) with N = mask.sum() <= B * T.
     hidden_n, ids_n = hidden[mask], completion_ids[mask]

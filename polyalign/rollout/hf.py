@@ -26,7 +26,7 @@ import os
 import torch
 from torch import nn
 
-from polyalign.logprobs import selective_log_softmax, unwrap_peft
+from polyalign.logprobs import logits_head, selective_log_softmax, unwrap_peft
 from polyalign.rollout import fast_llama
 from polyalign.types import Rollout, Sampling
 
@@ -281,11 +281,11 @@ class HFEngine:
 
 
 class _CachedRunner:
-    """Runs a causal LM's backbone with a KV cache and its output head on the last position only."""
+    """Runs a causal LM's backbone with a KV cache and its logits head (`logits_head`) on the last position."""
 
     def __init__(self, model: nn.Module) -> None:
         self.backbone = model.base_model
-        self.head = model.get_output_embeddings()
+        self.head = logits_head(model)
         params = inspect.signature(self.backbone.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
         self.cache = _new_cache(model.config)
