@@ -278,18 +278,18 @@ def value_forward(
 ) -> torch.Tensor:
     """Per-token values (B, T), 0 on padding: V(state before completion token t).
 
-    The value model is any transformers model with a scalar `score` head on top of `base_model`:
-    `AutoModelForTokenClassification(num_labels=1)` or `AutoModelForSequenceClassification(num_labels=1)`
-    (e.g. a reward model, the usual PPO initialisation). The head is applied at every position here, so both
-    classes give token-level values; values[:, t] is read at the same position whose logits give the
-    log-prob of completion token t, which is what GAE pairs with reward t.
+    The value model is any one-output scorer with a `score` head on top of `base_model`
+    (`models.load_score_model`: a transformers sequence or token classifier, or a `ScoreModel`; e.g. a reward
+    model, the usual PPO initialisation). The head is applied at every position here, so each gives
+    token-level values; values[:, t] is read at the same position whose logits give the log-prob of
+    completion token t, which is what GAE pairs with reward t.
     """
     model = unwrap_peft(value_model)
     head = getattr(model, "score", None)
     if head is None:
         raise ValueError(
-            f"value model {type(model).__name__} has no `score` head; use a TokenClassification or "
-            "SequenceClassification model with num_labels=1"
+            f"value model {type(model).__name__} has no `score` head; load it with "
+            "polyalign.models.load_score_model"
         )
     if completion_ids.shape[1] == 0:
         return completion_ids.new_zeros((completion_ids.shape[0], 0), dtype=torch.float32)
@@ -340,10 +340,15 @@ def join_right_padded(
 
 
 @routed
-def _classifier_scores(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """(B,) float scores of a num_labels=1 sequence classifier (it reads the last non-pad token)."""
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) float scores of a one-output scorer (`models.load_score_model`); differentiable.
+
+    Shapes: input_ids, attention_mask (B, L), left or right padded. A transformers classifier reads the last
+    token that is not `config.pad_token_id` (which must be the tokenizer's pad id); a `ScoreModel` the last
+    token with attention_mask 1.
+    """
+    if getattr(inner_model(model).config, "pad_token_id", None) is None:
+        raise ValueError("reward model config has no pad_token_id: set it to the tokenizer's pad token id")
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, 1)
     if logits.shape != (input_ids.shape[0], 1):
         raise ValueError(f"reward model must output logits of shape (B, 1), got {tuple(logits.shape)}")
@@ -353,10 +358,8 @@ def _classifier_scores(
 def pair_scores(model: nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Reward-model scores (B,) of prompt + chosen and prompt + rejected, from one forward of 2B rows. The
     classifier reads the last real token (EOS when the completion was not truncated)."""
-    pad_id = inner_model(model).config.pad_token_id
-    if pad_id is None:
-        raise ValueError("reward model config has no pad_token_id: set it to the tokenizer's pad token id")
-    scores = _classifier_scores(model, *join_right_padded(*_pair_rows(batch), pad_id))  # (2B,)
+    pad_id = inner_model(model).config.pad_token_id or 0  # sequence_scores names a missing one
+    scores = sequence_scores(model, *join_right_padded(*_pair_rows(batch), pad_id))  # (2B,)
     return scores[: len(batch.language)], scores[len(batch.language) :]
 
 
