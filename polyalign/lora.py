@@ -40,6 +40,7 @@ EXPORT_MODES = ("adapter", "merged", "both")
 # Class-name suffix -> peft task type; classifiers get their fresh head trained in full (modules_to_save).
 _TASKS = {
     "ForCausalLM": TaskType.CAUSAL_LM,
+    "LMHeadModel": TaskType.CAUSAL_LM,  # GPT-2
     "ForSequenceClassification": TaskType.SEQ_CLS,
     "ForTokenClassification": TaskType.TOKEN_CLS,
 }

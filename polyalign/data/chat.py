@@ -72,7 +72,7 @@ def apply_chat_template(tokenizer, messages: list[dict[str, str]]) -> str:
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # Kept: the system text occurs more often than the other turns account for.
-        if system is None or text.count(system) > sum(m["content"].count(system) for m in messages[1:]):
+        if not system or text.count(system) > sum(m["content"].count(system) for m in messages[1:]):
             return text
     except TemplateError:
         if system is None:
