@@ -6,8 +6,9 @@ template (written below in the family's documented format) and its special token
 Per family (docs/models.md is the table of what this covers):
 - every trainer through the real CLI (`polyalign train`), one step each: RLOO and PPO scored by a reward
   model trained on another family (Cohere, a `ScoreModel`), DPO and SFT on chat-formatted pairs, a reward
-  model (full and LoRA); the PPO run resumes from its checkpoint (critic included), the reward model's
-  checkpoint reloads into a fresh scorer and scores like its export;
+  model; DPO and a reward model again with LoRA (default targets, merged exports); the PPO run resumes from
+  its checkpoint (critic included), the reward model's checkpoint reloads into a fresh scorer and scores
+  like its export;
 - training log-probs equal log_softmax of the ForCausalLM forward's logits (gemma's soft-capping, cohere's
   logit_scale included), sampled log-probs equal a fresh forward, greedy rollouts equal `generate`;
 - LoRA's default targets (`lora.FAMILY_TARGETS`) are the layers peft's all-linear finds, head excluded;
@@ -209,6 +210,10 @@ def test_every_trainer_one_step(name, family_dirs, cohere_reward_model, tmp_path
     for loss in ("dpo", "sft"):
         train(tmp_path / loss, *offline, f"--loss.name={loss}")
         load_policy(str(tmp_path / loss / "model"))
+    # LoRA with the family's default targets; the reference is the policy with its adapter disabled.
+    lora = ["--model.lora={r: 4, save: merged}", "--reference.precompute=false"]
+    train(tmp_path / "dpo_lora", *offline, "--loss.name=dpo", *lora)
+    load_policy(str(tmp_path / "dpo_lora" / "model" / "merged"))
     train(tmp_path / "rm", *offline, "--loss.name=reward_model")
     check_reward_model_run(tmp_path / "rm", policy, name)
     train(tmp_path / "rm_lora", *offline, "--loss.name=reward_model", "--model.lora={r: 4, save: both}")
