@@ -18,6 +18,7 @@ Shapes: prompt_ids/prompt_mask (B, Tp), completion_ids/completion_mask (B, T), o
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -125,11 +126,26 @@ def _completion_hidden(
     return hidden.gather(1, columns[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _head_chunks(head: nn.Module, hidden: torch.Tensor, temperature: float, chunk: int):
+def logits_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden states (..., H) -> float32 logits (..., V) exactly as the model's ForCausalLM forward gives them:
+    the output head, then the map some families apply after it (gemma2/gemma3: c tanh(logits / c) with
+    c = config.final_logit_softcapping; cohere: logits * config.logit_scale). Rollouts and training share it."""
+    head, config = model.get_output_embeddings(), model.config.get_text_config()
+    cap, scale = getattr(config, "final_logit_softcapping", None), getattr(config, "logit_scale", None)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = head(hidden).float()
+        out = out if cap is None else torch.tanh(out / cap) * cap
+        return out if scale is None else out * scale
+
+    return logits
+
+
+def _head_chunks(head, hidden: torch.Tensor, temperature: float, chunk: int):
     """Yield (row slice, float32 logits / temperature), `chunk` rows of `hidden` at a time."""
     for start in range(0, hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
-        logits = head(hidden[rows]).float()
+        logits = head(hidden[rows])
         yield rows, (logits / temperature if temperature != 1.0 else logits)
 
 
@@ -194,7 +210,8 @@ def completion_logprobs_and_entropy(
     """Per-token log-probs (B, T) and, if asked, entropies (B, T) of softmax(logits / temperature).
 
     Both are 0 where completion_mask == 0. Works for any causal LM whose `base_model` returns
-    `last_hidden_state` and whose `get_output_embeddings()` is the LM head (all HF decoder models).
+    `last_hidden_state` and whose `get_output_embeddings()` is the LM head (all HF decoder models); the
+    logits are the ForCausalLM forward's (`logits_head`).
     """
     _check_temperature(temperature)
     model = unwrap_peft(model)
@@ -203,7 +220,7 @@ def completion_logprobs_and_entropy(
         empty = completion_ids.new_zeros((batch, 0), dtype=torch.float32)
         return empty, (empty if with_entropy else None)
     hidden = _completion_hidden(model.base_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-    head = model.get_output_embeddings()
+    head = logits_head(model)
     mask = completion_mask.bool()
     # Only real completion tokens go through the head: (N, H) with N = mask.sum() <= B * T.
     hidden_n, ids_n = hidden[mask], completion_ids[mask]
@@ -261,18 +278,18 @@ def value_forward(
 ) -> torch.Tensor:
     """Per-token values (B, T), 0 on padding: V(state before completion token t).
 
-    The value model is any transformers model with a scalar `score` head on top of `base_model`:
-    `AutoModelForTokenClassification(num_labels=1)` or `AutoModelForSequenceClassification(num_labels=1)`
-    (e.g. a reward model, the usual PPO initialisation). The head is applied at every position here, so both
-    classes give token-level values; values[:, t] is read at the same position whose logits give the
-    log-prob of completion token t, which is what GAE pairs with reward t.
+    The value model is any one-output scorer with a `score` head on top of `base_model`
+    (`models.load_score_model`: a transformers sequence or token classifier, or a `ScoreModel`; e.g. a reward
+    model, the usual PPO initialisation). The head is applied at every position here, so each gives
+    token-level values; values[:, t] is read at the same position whose logits give the log-prob of
+    completion token t, which is what GAE pairs with reward t.
     """
     model = unwrap_peft(value_model)
     head = getattr(model, "score", None)
     if head is None:
         raise ValueError(
-            f"value model {type(model).__name__} has no `score` head; use a TokenClassification or "
-            "SequenceClassification model with num_labels=1"
+            f"value model {type(model).__name__} has no `score` head; load it with "
+            "polyalign.models.load_score_model"
         )
     if completion_ids.shape[1] == 0:
         return completion_ids.new_zeros((completion_ids.shape[0], 0), dtype=torch.float32)
@@ -323,10 +340,15 @@ def join_right_padded(
 
 
 @routed
-def _classifier_scores(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """(B,) float scores of a num_labels=1 sequence classifier (it reads the last non-pad token)."""
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) float scores of a one-output scorer (`models.load_score_model`); differentiable.
+
+    Shapes: input_ids, attention_mask (B, L), left or right padded. A transformers classifier reads the last
+    token that is not `config.pad_token_id` (which must be the tokenizer's pad id); a `ScoreModel` the last
+    token with attention_mask 1.
+    """
+    if getattr(inner_model(model).config, "pad_token_id", None) is None:
+        raise ValueError("reward model config has no pad_token_id: set it to the tokenizer's pad token id")
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, 1)
     if logits.shape != (input_ids.shape[0], 1):
         raise ValueError(f"reward model must output logits of shape (B, 1), got {tuple(logits.shape)}")
@@ -336,10 +358,8 @@ def _classifier_scores(
 def pair_scores(model: nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Reward-model scores (B,) of prompt + chosen and prompt + rejected, from one forward of 2B rows. The
     classifier reads the last real token (EOS when the completion was not truncated)."""
-    pad_id = inner_model(model).config.pad_token_id
-    if pad_id is None:
-        raise ValueError("reward model config has no pad_token_id: set it to the tokenizer's pad token id")
-    scores = _classifier_scores(model, *join_right_padded(*_pair_rows(batch), pad_id))  # (2B,)
+    pad_id = inner_model(model).config.pad_token_id or 0  # sequence_scores names a missing one
+    scores = sequence_scores(model, *join_right_padded(*_pair_rows(batch), pad_id))  # (2B,)
     return scores[: len(batch.language)], scores[len(batch.language) :]
 
 

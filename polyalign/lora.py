@@ -40,10 +40,21 @@ EXPORT_MODES = ("adapter", "merged", "both")
 # Class-name suffix -> peft task type; classifiers get their fresh head trained in full (modules_to_save).
 _TASKS = {
     "ForCausalLM": TaskType.CAUSAL_LM,
+    "LMHeadModel": TaskType.CAUSAL_LM,  # GPT-2
     "ForSequenceClassification": TaskType.SEQ_CLS,
     "ForTokenClassification": TaskType.TOKEN_CLS,
 }
 _HEAD_NAMES = ("score", "classifier")
+_LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# model_type -> every linear layer of a decoder block: the default LoRA targets (docs/models.md).
+FAMILY_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(
+        ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "cohere"), _LLAMA_STYLE
+    ),
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers; peft adapts them with fan_in_fan_out
+}
 
 
 def _check_spec(spec: LoraConfig) -> None:
@@ -62,20 +73,25 @@ def _check_spec(spec: LoraConfig) -> None:
         raise ValueError(f"lora.target_modules must be a non-empty list of module names, got {targets!r}")
 
 
-def _task_and_head(model: PreTrainedModel) -> tuple[TaskType, str | None]:
+def _task_and_head(model: nn.Module) -> tuple[TaskType | None, str | None]:
+    """peft task and the classifier head trained in full; task None for a `models.ScoreModel` (plain PeftModel)."""
     name = type(model).__name__
     task = next((t for suffix, t in _TASKS.items() if name.endswith(suffix)), None)
-    if task is None:
-        raise ValueError(
-            f"apply_lora: {name} is not a causal LM or a sequence/token classifier (expected a class name "
-            f"ending in one of {sorted(_TASKS)})"
-        )
     if task == TaskType.CAUSAL_LM:
         return task, None
     head = next((h for h in _HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)), None)
     if head is None:
-        raise ValueError(f"apply_lora: classifier {name} has no head named one of {_HEAD_NAMES}")
+        raise ValueError(
+            f"apply_lora: {name} is not a causal LM (a class name ending in ForCausalLM) nor a one-output "
+            f"scorer with a head named one of {_HEAD_NAMES}"
+        )
     return task, head
+
+
+def default_targets(model: nn.Module) -> list[str] | str:
+    """What target_modules "all-linear" adapts: the family's attention and MLP projections (`FAMILY_TARGETS`,
+    the layers peft's all-linear finds there, named), else peft's "all-linear" for other families."""
+    return FAMILY_TARGETS.get(getattr(model.config, "model_type", None), "all-linear")
 
 
 def _check_targets(model: nn.Module, targets: list[str], head: str | None) -> None:
@@ -92,17 +108,18 @@ def _check_targets(model: nn.Module, targets: list[str], head: str | None) -> No
         raise ValueError(f"lora.target_modules must not list the classifier head {head!r}: it trains in full")
 
 
-def apply_lora(model: PreTrainedModel, spec: LoraConfig) -> PeftModel:
+def apply_lora(model: nn.Module, spec: LoraConfig) -> PeftModel:
     """Wrap `model` (in place: it becomes the returned PeftModel's base) with LoRA adapters per `spec`.
 
-    Only adapter weights require grad, plus the freshly initialised head (`score`) of a sequence/token
-    classifier (PPO's critic, reward models). "all-linear" adapts every linear layer but the output head.
+    Only adapter weights require grad, plus the freshly initialised head (`score`) of a one-output scorer
+    (PPO's critic, reward models). "all-linear" adapts every linear layer but the output head
+    (`default_targets`).
     Gradient checkpointing may be on already: peft then hooks the input embeddings to require grad, so the
     adapters inside checkpointed blocks still get gradients (also with reentrant checkpointing).
     """
     _check_spec(spec)
     task, head = _task_and_head(model)
-    targets = spec.target_modules
+    targets = default_targets(model) if spec.target_modules == "all-linear" else spec.target_modules
     if isinstance(targets, list):
         _check_targets(model, targets, head)
     config = PeftLoraConfig(

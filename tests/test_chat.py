@@ -223,3 +223,30 @@ def test_collated_demo_batch_feeds_completion_logprobs(tok):
             n = len(example.chosen_ids)
             torch.testing.assert_close(together[i, :n], alone[0, :n], atol=1e-5, rtol=1e-5)
             assert (together[i, n:] == 0).all()
+
+
+USER_ONLY = (  # drops every system turn without a word, like some older chat templates
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'] }}: {{ m['content'] }}\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+NO_SYSTEM = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [USER_ONLY, NO_SYSTEM + TEMPLATE], ids=["drops", "raises"])
+def test_template_without_system_role_gets_it_in_the_first_user_turn(template):
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    tokenizer.chat_template = template
+    merged = "<s>user: Be kind.\n\nTell me a story.\nassistant:"
+    assert render_prompt(tokenizer, MESSAGES) == merged
+    # The system text also inside the user turn does not count as kept.
+    echo = [MESSAGES[0], {"role": "user", "content": "Be kind."}]
+    assert render_prompt(tokenizer, echo) == "<s>user: Be kind.\n\nBe kind.\nassistant:"
+    # A system turn alone becomes the user turn; without a system turn nothing changes.
+    assert render_prompt(tokenizer, MESSAGES[:1]) == "<s>user: Be kind.\nassistant:"
+    assert render_prompt(tokenizer, MESSAGES[1:]) == "<s>user: Tell me a story.\nassistant:"
+
+
+def test_template_with_system_role_is_left_alone(chat_tok):
+    assert render_prompt(chat_tok, MESSAGES) == "<s>system: Be kind.\nuser: Tell me a story.\nassistant:"

@@ -67,13 +67,8 @@ SAMPLINGS = [
     Sampling(max_new_tokens=12, temperature=0.0),
     Sampling(max_new_tokens=12, temperature=1.0, seed=3),
 ]
-# The HF path of HFEngine (hf.py `_CachedRunner`: backbone + output head) leaves out what HF's ForCausalLM
-# forward applies after the head: gemma's final_logit_softcapping and cohere's logit_scale. The fast path
-# applies them (its logits equal the HF forward), so the two paths sample from different distributions
-# (greedy tokens still agree: both maps are increasing). Remove this marker when `_CachedRunner` applies them.
-HF_PATH_DROPS_FINAL_TRANSFORM = pytest.mark.xfail(
-    strict=True, reason="hf.py _CachedRunner skips final_logit_softcapping / logit_scale"
-)
+# Families whose ForCausalLM forward maps the logits after the head (gemma's final_logit_softcapping, cohere's
+# logit_scale): both paths apply the map (`logprobs.logits_head` on the HF path), checked with and without it.
 WITH_FINAL_TRANSFORM = {"gemma2", "gemma3", "cohere"}
 
 
@@ -88,8 +83,7 @@ def without_final_transform(model):
 
 def _engine_cases():
     for name in FAST:
-        marks = [HF_PATH_DROPS_FINAL_TRANSFORM] if name in WITH_FINAL_TRANSFORM else []
-        yield pytest.param(name, False, marks=marks, id=name)
+        yield pytest.param(name, False, id=name)
         if name in WITH_FINAL_TRANSFORM:
             yield pytest.param(name, True, id=f"{name}-no-final-transform")
 

@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaForSequenceClassification, LlamaForTokenClassification
 
 from polyalign import logprobs as lp
+from polyalign.models import ScoreModel
 from tests.conftest import tiny_llama_config
 
 PAD = 0
@@ -121,14 +122,14 @@ def test_peft_wrapped_model_is_unwrapped(tiny_llama):
     assert_matches_rows(result, expected)
 
 
-@pytest.mark.parametrize("cls", [LlamaForTokenClassification, LlamaForSequenceClassification])
+@pytest.mark.parametrize("cls", [LlamaForTokenClassification, LlamaForSequenceClassification, ScoreModel])
 def test_value_forward_matches_naive_per_token_head(cls):
     torch.manual_seed(7)
     model = cls(tiny_llama_config(num_labels=1)).eval()
     with torch.no_grad():
         values = lp.value_forward(model, *batch("right", prompt_width=7))
         for i, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
-            hidden = model.model(input_ids=torch.tensor([prompt + completion])).last_hidden_state[0]
+            hidden = model.base_model(input_ids=torch.tensor([prompt + completion])).last_hidden_state[0]
             expected = model.score(hidden).squeeze(-1)[len(prompt) - 1 : len(prompt) + len(completion) - 1]
             torch.testing.assert_close(values[i, : len(completion)], expected, atol=1e-5, rtol=0)
             assert torch.all(values[i, len(completion) :] == 0)

@@ -84,3 +84,54 @@ def test_builtin_sentiment_reward_model_loads():
     model, tokenizer = models.load_reward_model("stories260K-sentiment-rm")
     assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
     assert not model.training and tokenizer.pad_token_id == 0
+
+
+def _cohere_lm(folder, tokenizer):
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(0)
+    config = CohereConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          vocab_size=512, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2, initializer_range=0.2)  # fmt: skip
+    CohereForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_score_model_for_a_family_without_classifier_round_trips(tmp_path, stories):
+    """Cohere has no ForSequenceClassification: backbone + our head, seeded, saved and reloaded by path."""
+    base = _cohere_lm(tmp_path / "lm", stories[1])
+    model, tokenizer = models.load_score_model(base, seed=0)
+    assert isinstance(model, models.ScoreModel) and model.training
+    assert torch.equal(model.score.weight, models.load_score_model(base, seed=0)[0].score.weight)
+    assert not torch.equal(model.score.weight, models.load_score_model(base, seed=1)[0].score.weight)
+    ids = torch.tensor([[1, 40, 50, 60, 0, 0], [1, 70, 80, 90, 100, 2]])
+    right = (ids != 0).long()
+    left_ids, left_mask = torch.tensor([[0, 0, 1, 40, 50, 60], ids[1].tolist()]), right.flip(1)
+    left_mask[1] = 1
+    with torch.no_grad():
+        scores = model(input_ids=ids, attention_mask=right).logits[:, 0]
+        hidden = model.base_model(input_ids=ids[:1, :4]).last_hidden_state[0, -1]
+        torch.testing.assert_close(scores[0], model.score(hidden)[0])  # the last real token, by the mask
+        torch.testing.assert_close(model(input_ids=left_ids, attention_mask=left_mask).logits[:, 0], scores)
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    loaded, _ = models.load_reward_model(str(tmp_path / "rm"))
+    assert isinstance(loaded, models.ScoreModel) and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=right).logits[:, 0], scores)
+    (tmp_path / "rm" / models.SCORE_CONFIG).write_text('{"format": "something-else"}')
+    with pytest.raises(ValueError, match="score_head.json: format 'something-else'"):
+        models.load_reward_model(str(tmp_path / "rm"))
+
+
+def test_score_model_keeps_a_trained_classifier_head(tmp_path, stories):
+    """A transformers classifier checkpoint keeps its trained head; a causal LM gets a fresh seeded one."""
+    torch.manual_seed(0)
+    trained = LlamaForSequenceClassification(tiny_llama_config(num_labels=1))
+    trained.save_pretrained(tmp_path)
+    stories[1].save_pretrained(tmp_path)
+    model, _ = models.load_score_model(str(tmp_path), seed=5)
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    assert torch.equal(model.score.weight, trained.score.weight)

@@ -4,7 +4,8 @@ for training on given completions (DPO / IPO / offline CoPG / SFT).
 Rendering (`render_prompt`):
 - chat template: `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` when the tokenizer
   has a `chat_template` and the prompt is a message list, or when `use_chat_template=True` (a string
-  prompt is then sent as one user message);
+  prompt is then sent as one user message); a template without a system role gets the system text merged
+  into the first user turn (`apply_chat_template`);
 - plain template otherwise: a string prompt is used as is (so for the base stories260K model the prompt is
   the raw text); a message list is written HH-style, "\\n\\nHuman: {user}\\n\\nAssistant: {assistant}..."
   (system turns as "\\n\\nSystem: ...") ending with "\\n\\nAssistant:", the same layout as Anthropic HH data.
@@ -34,6 +35,7 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
+from jinja2 import TemplateError
 
 from polyalign.data.messages import normalize_messages
 
@@ -58,9 +60,27 @@ def _render(tokenizer, prompt: str | list[dict], use_chat_template: bool | None)
         if not has_template:
             raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
         messages = messages if messages is not None else [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, True
+        return apply_chat_template(tokenizer, messages), True
     return (prompt if messages is None else plain_template(messages)), False
+
+
+def apply_chat_template(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The template's prompt text (generation prompt added). A template with no system role (it raises, or
+    drops the text: Gemma, Mistral v0.1) gets the system text merged into the first user turn as Gemma
+    documents it, "{system}\n\n{user}", so it is never lost."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # Kept: the system text occurs more often than the other turns account for.
+        if not system or text.count(system) > sum(m["content"].count(system) for m in messages[1:]):
+            return text
+    except TemplateError:
+        if system is None:
+            raise
+    rest = messages[1:]
+    user = rest.pop(0)["content"] if rest and rest[0]["role"] == "user" else None
+    merged = {"role": "user", "content": system if user is None else f"{system}\n\n{user}"}
+    return tokenizer.apply_chat_template([merged, *rest], tokenize=False, add_generation_prompt=True)
 
 
 def render_prompt(tokenizer, prompt: str | list[dict], use_chat_template: bool | None = None) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from polyalign.config import LoraConfig
 from polyalign.logprobs import HEAD_CHUNK_ROWS
-from polyalign.models import DTYPES, resolve_model_path
+from polyalign.models import DTYPES, ScoreModel, resolve_model_path
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAM_STEP_BYTES = 4
@@ -19,7 +19,6 @@ ADAM_STEP_BYTES = 4
 _HEADS = {
     "causal_lm": "AutoModelForCausalLM",
     "sequence": "AutoModelForSequenceClassification",
-    "token": "AutoModelForTokenClassification",
 }
 
 
@@ -79,7 +78,13 @@ def _meta_model(source: str, head: str, dtype: str, lora: LoraConfig | None):
     if head != "causal_lm":
         config.num_labels = 1
     with torch.device("meta"):
-        model = getattr(transformers, _HEADS[head]).from_config(config, dtype=DTYPES[dtype])
+        if (
+            head == "sequence"
+            and type(config) not in transformers.AutoModelForSequenceClassification._model_mapping
+        ):
+            model = ScoreModel(config).to(DTYPES[dtype])  # what models.load_score_model builds then
+        else:
+            model = getattr(transformers, _HEADS[head]).from_config(config, dtype=DTYPES[dtype])
     if lora is not None:  # the same wrapping a run applies (a classifier's fresh head trains in full)
         from polyalign.lora import apply_lora
 
@@ -92,7 +97,7 @@ def count_model(
 ) -> Count:
     """Parameters and bytes of a model built from its config on the meta device.
 
-    head: causal_lm (policy, reference) | sequence (reward model, num_labels=1) | token (PPO value model).
+    head: causal_lm (policy, reference) | sequence (reward model or PPO value model, num_labels=1).
     trains=False counts a frozen model (no trainable parameters); with `lora`, only the adapter trains.
     """
     model, shape = _meta_model(source, head, dtype, lora)

@@ -51,9 +51,9 @@ def online_models(cfg: RunConfig, notes: list[str]) -> list[Entry]:
     m = cfg.model
     entries = [Entry("policy", m.policy, m.dtype, count_model(m.policy, "causal_lm", m.dtype, m.lora), True)]
     entries += _online_reference(cfg, notes)
-    if cfg.algo.name == "ppo":  # train/ppo.build_value_model: a scalar head on the policy (or value_model)
+    if cfg.algo.name == "ppo":  # train/ppo.build_value_model: load_score_model(policy or value_model)
         source = cfg.algo.value_model or m.policy
-        entries.append(Entry("value_model", source, m.dtype, count_model(source, "token", m.dtype), True))
+        entries.append(Entry("value_model", source, m.dtype, count_model(source, "sequence", m.dtype), True))
         notes.append("PPO value model trains every weight (policy weights + a fresh scalar head)")
     for spec in cfg.reward.functions:
         if spec.startswith("model:"):  # RewardModelScorer loads in float32 unless told otherwise

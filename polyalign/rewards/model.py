@@ -1,9 +1,10 @@
-"""Reward-model scorer: a frozen sequence classifier (num_labels=1) used as a RewardFn.
+"""Reward-model scorer: a frozen one-output scorer (`polyalign.models.load_reward_model`: a transformers
+sequence classifier or a polyalign `ScoreModel`) used as a RewardFn.
 
 What text is scored: `template.format(prompt=..., completion=...)`, by default "{prompt}{completion}",
 i.e. the prompt immediately followed by its completion (the completion usually starts with a space).
 Use template="{completion}" to score the completion alone. The tokenizer adds its usual special tokens
-(BOS for Llama tokenizers). The score is the classifier's logit at the last real token of the text.
+(BOS for Llama tokenizers). The score is the head's output at the last real token of the text.
 Texts longer than `max_length` tokens are truncated on the LEFT, so the model still reads the end of
 the completion.
 
@@ -18,29 +19,12 @@ from typing import Any
 
 import torch
 
-from polyalign.logprobs import routed
+from polyalign.logprobs import sequence_scores
+
+__all__ = ["RewardModelScorer", "encode_texts", "score_texts", "sequence_scores"]
 
 DEFAULT_TEMPLATE = "{prompt}{completion}"
 _TEMPLATE_FIELDS = {"prompt", "completion"}
-
-
-@routed
-def sequence_scores(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """(B,) scores of a num_labels=1 sequence classifier; differentiable (training uses it too).
-
-    Shapes: input_ids, attention_mask (B, L), left or right padded. The classifier reads the last
-    non-pad token, which needs `model.config.pad_token_id` to be the tokenizer's pad id.
-    """
-    if getattr(model.config, "pad_token_id", None) is None:
-        raise ValueError("reward model config has no pad_token_id: set it to the tokenizer's pad token id")
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, 1)
-    if logits.shape != (input_ids.shape[0], 1):
-        raise ValueError(
-            f"reward model must output logits of shape (B, 1) (num_labels=1), got {tuple(logits.shape)}"
-        )
-    return logits[:, 0].float()
 
 
 def _check_template(template: str) -> None:
@@ -95,11 +79,8 @@ class RewardModelScorer:
         self.device = torch.device(device)
         self.model, self.tokenizer = load_reward_model(name_or_path, dtype=dtype, device=self.device)
         self.model.eval()
-        # The classifier reads the last token that is not config.pad_token_id, so pad with exactly that id.
-        pad_id = self.model.config.pad_token_id
-        if pad_id is None:
-            raise ValueError(f"reward model {name_or_path!r} has no pad_token_id in its config")
-        self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(pad_id)
+        # A transformers classifier reads the last token that is not config.pad_token_id: pad with that id.
+        self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(self.model.config.pad_token_id)
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 512)
 
     def texts(self, prompts: list[str], completions: list[str]) -> list[str]:

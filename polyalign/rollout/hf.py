@@ -4,8 +4,9 @@ Why not `generate()`: its per-step logits processors, stopping criteria and `tor
 and it does not return the sampled tokens' log-probs, so trainers would need an extra forward. Here each
 prompt is tokenized once, left padded, prefilled once, its KV cache repeated n times, then decoded one token
 per step with exact inverse-CDF sampling from a seeded `torch.Generator` (one random number per row and
-step). Llama-family models (llama, mistral, qwen2) run on `fast_llama` (same logits as the HF forward, a
-static KV cache, far fewer Python-level ops per token); others, or `fast_decode=False`, on the HF forward.
+step). The families in `fast_families.FAMILIES` run on `fast_decode` (same logits as the HF forward, a
+static KV cache, far fewer Python-level ops per token); others, or `fast_decode=False`, on the HF forward
+(backbone + `logprobs.logits_head`, so the family's map after the head is applied on both paths).
 The engine shares the training model, so `load_weights` has nothing to copy.
 
 Sampling details (all documented in `Sampling`):
@@ -25,9 +26,10 @@ import os
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
-from polyalign.logprobs import selective_log_softmax, unwrap_peft
-from polyalign.rollout import fast_llama
+from polyalign.logprobs import logits_head, selective_log_softmax, unwrap_peft
+from polyalign.rollout import fast_decode
 from polyalign.types import Rollout, Sampling
 
 
@@ -37,15 +39,6 @@ def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
         if eos is not None:
             return [eos] if isinstance(eos, int) else list(eos)
     return []
-
-
-def _new_cache(config):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=config)
-    except TypeError:  # transformers < 4.56 takes no config
-        return DynamicCache()
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -128,8 +121,8 @@ class HFEngine:
             False prefills the n-times repeated batch.
         add_special_tokens: let the tokenizer add its special tokens (e.g. BOS) to each prompt; set False
             when prompts are already rendered with them (a chat template that writes BOS itself).
-        fast_decode: decode Llama-family models (llama, mistral, qwen2) with `fast_llama` (same logits,
-            several times less per-token overhead) and others with the HF forward; False forces the HF
+        fast_decode: decode the families `fast_decode` covers with it (same logits, several times less
+            per-token overhead) and others with the HF forward; False forces the HF
             forward. None (default) reads the environment variable POLYALIGN_FAST_DECODE ("0" = off).
     """
 
@@ -236,7 +229,7 @@ class HFEngine:
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
         stop_checker = _StopChecker(self.tokenizer, sampling.stop_strings) if sampling.stop_strings else None
 
-        logits = runner.prefill(prompt_ids, prompt_mask, n, repeat_cache=self.prefill_once)  # (L, V)
+        logits = _prefill(runner, prompt_ids, prompt_mask, n, repeat_cache=self.prefill_once)  # (L, V)
         for step in range(steps):
             uniform = None
             if sampling.temperature > 0:
@@ -263,9 +256,9 @@ class HFEngine:
         return self._trim(ids, logprobs, lengths, finished, stopped)
 
     def _runner(self, rows: int, max_len: int):
-        """The fast Llama-family path when `fast_decode` is on and the model supports it, else the HF forward."""
+        """The fast path when `fast_decode` is on and the model supports it, else the HF forward."""
         model = unwrap_peft(self.model)
-        if self.fast_decode and fast_llama.unsupported_reason(model, max_len) is None:
+        if self.fast_decode and fast_decode.unsupported_reason(model, max_len) is None:
             return _FastRunner(model, rows, max_len)
         return _CachedRunner(model)
 
@@ -281,14 +274,14 @@ class HFEngine:
 
 
 class _CachedRunner:
-    """Runs a causal LM's backbone with a KV cache and its output head on the last position only."""
+    """Runs a causal LM's backbone with a KV cache and its logits head (`logits_head`) on the last position."""
 
     def __init__(self, model: nn.Module) -> None:
         self.backbone = model.base_model
-        self.head = model.get_output_embeddings()
+        self.head = logits_head(model)
         params = inspect.signature(self.backbone.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
-        self.cache = _new_cache(model.config)
+        self.cache = DynamicCache(config=model.config)
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed new tokens (rows, t) given the mask over all tokens so far; return next-token logits (rows, V)."""
@@ -304,23 +297,15 @@ class _CachedRunner:
     def select(self, keep: torch.Tensor) -> None:
         self.cache.batch_select_indices(keep)
 
-    def prefill(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, repeat_cache: bool
-    ) -> torch.Tensor:
-        """Fill the cache with the prompts; return first-token logits (B, V), rows group-major."""
-        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-        if repeat_cache and n > 1 and hasattr(self.cache, "batch_repeat_interleave"):
-            logits = self(prompt_ids, prompt_mask, positions)
-            self.cache.batch_repeat_interleave(n)
-            return logits.repeat_interleave(n, 0)
-        return self(*(t.repeat_interleave(n, 0) for t in (prompt_ids, prompt_mask, positions)))
+    def repeat(self, n: int, width: int) -> None:
+        self.cache.batch_repeat_interleave(n)
 
 
 class _FastRunner:
-    """The same interface as `_CachedRunner` over `fast_llama.FastLlama` (static cache, exact maths)."""
+    """The same interface as `_CachedRunner` over `fast_decode.FastDecoder` (static cache, exact maths)."""
 
     def __init__(self, model: nn.Module, rows: int, max_len: int) -> None:
-        self.fast = fast_llama.FastLlama(model, rows, max_len)
+        self.fast = fast_decode.FastDecoder(model, rows, max_len)
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.fast.forward(ids, mask, positions)
@@ -328,15 +313,18 @@ class _FastRunner:
     def select(self, keep: torch.Tensor) -> None:
         self.fast.select(keep)
 
-    def prefill(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, repeat_cache: bool
-    ) -> torch.Tensor:
-        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-        if repeat_cache and n > 1:
-            logits = self.fast.forward(prompt_ids, prompt_mask, positions)
-            self.fast.repeat_rows(n, prompt_ids.shape[1])
-            return logits.repeat_interleave(n, 0)
-        return self(*(t.repeat_interleave(n, 0) for t in (prompt_ids, prompt_mask, positions)))
+    def repeat(self, n: int, width: int) -> None:
+        self.fast.repeat_rows(n, width)
+
+
+def _prefill(runner, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, repeat_cache: bool):
+    """Fill the runner's cache with the prompts; return first-token logits (B, V), rows group-major."""
+    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    if repeat_cache and n > 1:
+        logits = runner(prompt_ids, prompt_mask, positions)
+        runner.repeat(n, prompt_ids.shape[1])
+        return logits.repeat_interleave(n, 0)
+    return runner(*(t.repeat_interleave(n, 0) for t in (prompt_ids, prompt_mask, positions)))
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

@@ -17,7 +17,7 @@ from polyalign.config_offline import OfflineRunConfig
 from polyalign.data.chat import collate_pairs
 from polyalign.files import atomic_write_text
 from polyalign.logprobs import reference_sequence_logprobs
-from polyalign.models import load_base_classifier, load_policy, load_tokenizer, resolve_model_path
+from polyalign.models import load_policy, load_score_model, load_tokenizer, resolve_model_path
 from polyalign.train import distributed, loop
 from polyalign.train.distributed import World
 from polyalign.train.distributed_checkpoint import full_model_state
@@ -84,11 +84,11 @@ def total_steps(cfg: OfflineRunConfig, num_pairs: int) -> int:
 
 
 def load_trained_model(cfg: OfflineRunConfig) -> torch.nn.Module:
-    """The model to train: the policy, or a one-output sequence classifier initialised from it."""
+    """The model to train: the policy, or a one-output scorer initialised from it (`load_score_model`: the
+    family's sequence classifier, else backbone + our head) with a head seeded by train.seed."""
     m = cfg.model
     if cfg.loss.name == "reward_model":
-        model, _ = load_base_classifier(m.policy, cfg.train.seed)
-        return model.to(device=m.device, dtype=getattr(torch, m.dtype)).train()
+        return load_score_model(m.policy, m.dtype, m.device, seed=cfg.train.seed)[0]
     model, _ = load_policy(m.policy, m.dtype, m.device, m.gradient_checkpointing)
     return model
 

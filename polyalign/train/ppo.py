@@ -18,16 +18,15 @@ from polyalign.types import Rollout
 
 
 def build_value_model(cfg, policy: torch.nn.Module) -> torch.nn.Module:
-    """The critic: `algo.value_model`, or the policy's starting weights with a fresh scalar head."""
-    from transformers import AutoModelForTokenClassification
+    """The critic: `algo.value_model`, or the policy's starting weights with a fresh scalar head seeded by
+    train.seed (`models.load_score_model`: the family's sequence classifier, else backbone + our head)."""
+    from polyalign.models import load_score_model
 
-    from polyalign.models import resolve_model_path
-
-    path = resolve_model_path(cfg.algo.value_model or cfg.model.policy)
-    model = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=policy.dtype)
-    if model.config.pad_token_id is None:
+    source = cfg.algo.value_model or cfg.model.policy
+    model, _ = load_score_model(source, policy.dtype, policy.device, seed=cfg.train.seed)
+    if policy.config.pad_token_id is not None:
         model.config.pad_token_id = policy.config.pad_token_id
-    return model.to(policy.device).train()
+    return model
 
 
 def ppo_update(
