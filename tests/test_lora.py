@@ -32,6 +32,7 @@ from polyalign.models import resolve_model_path
 from polyalign.rewards.model import sequence_scores
 from polyalign.rollout.hf import HFEngine
 from polyalign.types import Sampling
+from tests.conftest import model_atol
 
 PATH = resolve_model_path("stories260K")
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -242,8 +243,10 @@ def test_exports_reload_to_the_policy(trained, stories, tmp_path):
     adapter = PeftModel.from_pretrained(_load(), tmp_path / "adapter").eval()
     with torch.no_grad():
         expected = completion_logprobs(policy, *_batch(1))
-        assert torch.allclose(completion_logprobs(merged, *_batch(1)), expected, atol=1e-5)
-        assert torch.allclose(completion_logprobs(adapter, *_batch(1)), expected, atol=1e-6)
+        # merged weights W + scale * B A differ from the adapter's two-step sum by float32 rounding
+        atol = model_atol(expected, merged.config)
+        assert torch.allclose(completion_logprobs(merged, *_batch(1)), expected, atol=atol)
+        assert torch.allclose(completion_logprobs(adapter, *_batch(1)), expected, atol=atol)
     export_lora(policy, tmp_path, "adapter")  # re-exporting replaces the directory
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
     with pytest.raises(ValueError, match="adapter\\|merged\\|both"):
@@ -261,7 +264,9 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(reentrant):
                     activation_checkpointing_kwargs={"use_reentrant": reentrant}
                 )
             else:  # transformers 4.x
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+                )
             # transformers may hook the embeddings to require grad here; apply_lora must not rely on it.
             if hasattr(model, "_require_grads_hook"):
                 model.disable_input_require_grads()
@@ -319,7 +324,8 @@ def test_critic_and_reward_model(tmp_path):
     export_lora(policy, tmp_path, "merged")
     reloaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
-        assert torch.allclose(value_forward(reloaded, *_batch(1)), expected, atol=1e-5)
+        atol = model_atol(expected, reloaded.config)  # merged vs two-step adapter sums: float32 rounding
+        assert torch.allclose(value_forward(reloaded, *_batch(1)), expected, atol=atol)
 
     reward_model = _load(AutoModelForSequenceClassification, num_labels=1)
     reward_model.config.pad_token_id = 0

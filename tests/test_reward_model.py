@@ -19,6 +19,7 @@ from polyalign.recipes.sentiment_rm import (
 )
 from polyalign.rewards import build_reward, score_all
 from polyalign.rewards.model import RewardModelScorer, encode_texts, sequence_scores
+from tests.conftest import model_atol
 
 ROOT = Path(__file__).resolve().parents[1]
 RM_DIR = ROOT / "polyalign" / "assets" / "sentiment_rm"
@@ -77,7 +78,8 @@ def test_scorer_template_controls_scored_text(scorer):
 def test_batching_and_padding_do_not_change_scores(scorer):
     texts = [POSITIVE, "Tom had fun.", NEGATIVE + " " + NEGATIVE, "Okay."]
     one_by_one = torch.cat([scorer.score_texts([t]) for t in texts])
-    assert torch.allclose(scorer.score_texts(texts), one_by_one, atol=1e-5)
+    atol = model_atol(one_by_one, scorer.model.config)  # batching changes the float32 summation order
+    assert torch.allclose(scorer.score_texts(texts), one_by_one, atol=atol)
     # left padding (what a generation engine produces) gives the same scores as right padding
     right = encode_texts(scorer.tokenizer, texts, 512)
     ids, mask = right["input_ids"], right["attention_mask"]
@@ -89,7 +91,7 @@ def test_batching_and_padding_do_not_change_scores(scorer):
         left_ids[i, ids.shape[1] - n :], left_mask[i, ids.shape[1] - n :] = ids[i, :n], 1
     with torch.inference_mode():
         left = sequence_scores(scorer.model, left_ids, left_mask)
-    assert torch.allclose(left, one_by_one, atol=1e-4)
+    assert torch.allclose(left, one_by_one, atol=atol)
 
 
 def test_build_reward_model_spec():
