@@ -324,6 +324,7 @@ def train_loop(run: Run) -> None:
     loop.train_loop(run, TRAINER)
 
 
-def train_online(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train a policy online from a reward; returns a summary (start and best evaluation, run directory)."""
-    return loop.train(setup_run(cfg, resume=resume), TRAINER)
+def train_online(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train a policy online from a reward; returns a summary (start and best evaluation, run directory).
+    `resume` continues the run in output.run_dir; `overwrite` replaces it (a used run_dir is refused)."""
+    return loop.train(setup_run(cfg, resume, overwrite), TRAINER)
