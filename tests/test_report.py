@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from polyalign.recipes.report import metric_series, plot_series, read_metrics, summarize, write_run_report
-from polyalign.train.logging import MetricsLogger, NullLogger, Progress, get_rank, is_main_process, print0
+from polyalign.train.logging import (
+    MetricsLogger,
+    NullLogger,
+    Progress,
+    cut_logs,
+    get_rank,
+    is_main_process,
+    print0,
+)
 
 
 def _lines(path):
@@ -27,29 +35,25 @@ def test_log_writes_one_flushed_line_per_step_with_tensors_as_numbers(tmp_path):
     logger.close()
 
 
-def test_resume_truncates_records_after_the_checkpoint_step(tmp_path):
+def test_cut_logs_keeps_records_up_to_the_checkpoint_step(tmp_path):
     with MetricsLogger(tmp_path, use_tensorboard=False) as logger:
         for step in range(1, 6):
             logger.log(step, {"reward": float(step)})
             logger.log_samples(step, ["p"], [f"c{step}"], [float(step)])
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "rew')  # the torn last line of a killed run
-    with MetricsLogger(tmp_path, use_tensorboard=False, resume_step=3) as logger:
+    (tmp_path / "eval").mkdir()
+    for step in (0, 2, 4):
+        (tmp_path / "eval" / f"step_{step:06d}.json").write_text("{}")
+    cut_logs(tmp_path, 3)
+    with MetricsLogger(tmp_path, use_tensorboard=False) as logger:  # reopening appends
         logger.log(4, {"reward": 40.0})
     assert [r["step"] for r in _lines(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
     assert _lines(tmp_path / "metrics.jsonl")[-1]["reward"] == 40.0
     assert [r["completion"] for r in _lines(tmp_path / "samples.jsonl")] == ["c1", "c2", "c3"]
-
-
-def test_truncate_after_on_an_open_logger_and_plain_reopen_appends(tmp_path):
-    with MetricsLogger(tmp_path, use_tensorboard=False) as logger:
-        for step in range(1, 4):
-            logger.log(step, {"x": step})
-        logger.truncate_after(1)
-        logger.log(2, {"x": 20})
-    with MetricsLogger(tmp_path, use_tensorboard=False) as logger:  # no resume_step: keep what is there
-        logger.log(3, {"x": 30})
-    assert [(r["step"], r["x"]) for r in _lines(tmp_path / "metrics.jsonl")] == [(1, 1), (2, 20), (3, 30)]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["step_000000.json", "step_000002.json"]
+    cut_logs(tmp_path, -1)  # resuming without a checkpoint: start clean
+    assert (tmp_path / "metrics.jsonl").read_text() == "" and not any((tmp_path / "eval").iterdir())
 
 
 def test_log_samples_rows_and_length_check(tmp_path):
@@ -81,7 +85,7 @@ def test_tensorboard_flag(tmp_path):
 
 def test_null_logger_has_the_same_methods(tmp_path):
     logger = NullLogger()
-    for name in ("log", "log_samples", "truncate_after", "close"):
+    for name in ("log", "log_samples", "close"):
         assert callable(getattr(MetricsLogger, name)) and callable(getattr(logger, name))
     assert logger.log(1, {"r": torch.tensor(2.0)}) == {"step": 1, "r": 2.0}
     logger.log_samples(1, ["p"], ["c"], [1.0])
