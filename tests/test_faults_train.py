@@ -235,7 +235,7 @@ def test_online_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run
 @pytest.mark.slow
 def test_offline_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", n=48)
-    args = [*OFFLINE, f"--data.train={data}", "--loss.name=dpo", "--train.steps=16", "--train.lr=1e-2"]
+    args = ["offline/dpo", *OFFLINE, f"--data.train={data}", "--train.steps=16", "--train.lr=1e-2"]
     args += ["--eval.every=4", "--output.checkpoint_every=3", "--output.export=best"]
     run_with_kills(args, tmp_path / "killed", kills=4, seed=1)
     subprocess.run(

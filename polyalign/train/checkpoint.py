@@ -30,8 +30,8 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
@@ -82,20 +82,11 @@ def _read_pointer(root: Path, name: str) -> Path | None:
 
 
 def _rng_state() -> dict:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-    except ImportError:
-        np = None
-    if np is not None:
-        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-        state["numpy"] = {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype("int64")),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        }
+    """Python, numpy (its global state, the key array as a tensor: torch.load's weights_only mode takes no
+    numpy arrays), torch CPU and CUDA random states."""
+    kind, keys, *rest = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype("int64")), *rest]}
+    state["torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -103,16 +94,14 @@ def _rng_state() -> dict:
 
 def _restore_rng(state: dict) -> None:
     random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):  # checkpoints written before 2026-12 named the parts
+        numpy_state = [numpy_state[k] for k in ("kind", "keys", "pos", "has_gauss", "cached_gaussian")]
+    kind, keys, *rest = numpy_state
+    np.random.set_state((kind, keys.numpy().astype("uint32"), *rest))
     torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        s = state["numpy"]
-        keys = s["keys"].numpy().astype("uint32")
-        np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all(cuda_states)
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def _write_checkpoint_files(

@@ -80,11 +80,7 @@ def cut_logs(run_dir: Path, step: int) -> None:
 
 
 def _tensorboard_writer(run_dir: Path, use_tensorboard: bool | str) -> Any:
-    if use_tensorboard not in (True, False, "auto"):
-        raise ValueError(
-            f"MetricsLogger: use_tensorboard must be True, False or 'auto', got {use_tensorboard!r}"
-        )
-    if use_tensorboard is False:
+    if not use_tensorboard:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -151,22 +147,14 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
 
-    def __enter__(self) -> MetricsLogger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class NullLogger:
-    """Same methods as MetricsLogger; records nothing."""
+    """Same methods as MetricsLogger; records nothing (every process but rank 0)."""
 
-    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        return {"step": int(step), **{k: _to_number(k, v) for k, v in metrics.items()}}
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        return None
 
-    def log_samples(
-        self, step: int, prompts: Sequence[str], completions: Sequence[str], rewards: Any = None
-    ) -> None:
+    def log_samples(self, step: int, *rows: Any) -> None:
         return None
 
     def close(self) -> None:
@@ -235,9 +223,3 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -3,8 +3,8 @@
 A trainer is a run holder plus a `Trainer` record of four functions: its step, its evaluation, its rule for
 "this evaluation is the best so far" and its closing summary. The holder (`train/run.py`: `Run`,
 `train/offline_run.py`: `OfflineRun`) has these fields: cfg, run_dir, world, optimizer, logger, progress,
-state (JSON-friendly, saved in checkpoints), start_step, total_steps, has_eval, and the methods models()
-(name -> unwrapped module, what checkpoints hold) and console(message).
+state (JSON-friendly, saved in checkpoints), start_step, total_steps, has_eval, and the method models()
+(name -> unwrapped module, what checkpoints hold).
 
     start (world, seed, run directory) -> [resume] -> evaluate at step 0
       -> for each step: set lr -> trainer step -> log -> progress -> evaluate / checkpoint when due
@@ -61,7 +61,7 @@ class Trainer:
     step: Callable[[Any, int], dict[str, float]]  # (run, step) -> metrics of one optimizer step
     evaluate: Callable[[Any, int], dict[str, float]]  # (run, step) -> held-out metrics (logged)
     is_better: Callable[[dict, dict | None], bool]  # (result, best so far or None) -> is it the new best
-    summary: Callable[[Any], dict]  # (run) -> its part of the summary; every process (exports are collective)
+    summary: Callable[[Any], dict] = lambda run: {}  # (run) -> its part of the summary, on every process
 
 
 # ---------------------------------------------------------------- start
@@ -97,12 +97,12 @@ def resume(run) -> bool:
     logs were cut back to that step in `start`). False when there is nothing to resume."""
     ckpt = latest_checkpoint(run.run_dir)
     if ckpt is None:
-        run.console(f"--resume: no checkpoint in {run.run_dir}; starting from step 0")
+        run.progress.print(f"--resume: no checkpoint in {run.run_dir}; starting from step 0")
         return False
     state = load_checkpoint(ckpt, run.models(), run.optimizer)
     run.state = dict(state.get("trainer_state", {}))
     run.start_step = int(state["step"])
-    run.console(f"resumed from {ckpt} at step {run.start_step}")
+    run.progress.print(f"resumed from {ckpt} at step {run.start_step}")
     return True
 
 
@@ -159,7 +159,7 @@ def optimizer_step(run, params, stats: dict[str, float], steps: int = 1) -> None
             f"{t.max_skipped_steps}): lower train.lr, check the rewards/data, or use a wider dtype"
         )
     if result.skipped:
-        run.console(f"update skipped: non-finite gradient norm ({in_a_row} in a row)")
+        run.progress.print(f"update skipped: non-finite gradient norm ({in_a_row} in a row)")
 
 
 # ---------------------------------------------------------------- checkpoint

@@ -65,9 +65,6 @@ class OfflineRun:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    def console(self, message: str) -> None:
-        self.progress.print(message)
-
     def models(self) -> dict[str, torch.nn.Module]:
         return {"reward_model" if self.cfg.loss.name == "reward_model" else "policy": self.model}
 

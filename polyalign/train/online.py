@@ -311,12 +311,7 @@ def is_better(result: dict, best: dict | None) -> bool:
     return best is None or result["eval/reward"] > best["eval/reward"]
 
 
-def summary(run: Run) -> dict:
-    """Nothing beyond the loop's summary: the report is written by `polyalign train` (recipes/report.py)."""
-    return {}
-
-
-TRAINER = loop.Trainer(step=train_step, evaluate=evaluate, is_better=is_better, summary=summary)
+TRAINER = loop.Trainer(step=train_step, evaluate=evaluate, is_better=is_better)  # the loop's summary only
 
 
 def train_loop(run: Run) -> None:

@@ -93,9 +93,6 @@ class Run:
                 )
         return total, components
 
-    def console(self, message: str) -> None:
-        self.progress.print(message)
-
     def models(self) -> dict[str, torch.nn.Module]:
         return {"policy": self.policy} | ({"value": self.value_model} if self.value_model is not None else {})
 
