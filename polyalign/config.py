@@ -19,7 +19,6 @@ import yaml
 
 SHIPPED = Path(__file__).parent / "configs"  # the configs that travel with the package
 Algorithm = Literal["rloo", "reinforce", "vanilla_pg", "ppo", "raft", "copg"]
-ONLINE_ALGORITHMS = typing.get_args(Algorithm)
 Schedule = Literal["constant", "linear", "cosine"]  # after warm-up
 
 

@@ -10,7 +10,6 @@ config (`is_offline_config`); one with `algo:` is online. Imports no transformer
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,7 +27,6 @@ from polyalign.config import (
 )
 
 Loss = Literal["dpo", "ipo", "copg", "sft", "reward_model"]
-OFFLINE_LOSSES = typing.get_args(Loss)
 COLUMN_NAMES = ("prompt", "chosen", "rejected", "conversations", "completion", "reward", "language")
 
 
