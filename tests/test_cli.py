@@ -56,13 +56,16 @@ def test_configs_lists_the_shipped_configs_and_print_config_every_key(tmp_path, 
     assert {"offline/dpo", "tiny-cpu/rloo", "quickstart", "eval/mgsm-exact"} <= set(names)
     assert main(["train", "--print-config", "offline/dpo", "--loss.beta=0.25"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "loss.beta: 0.25  # KL strength: DPO's and CoPG's beta, IPO's tau (target margin 1/(2 beta))." in lines
-    assert "loss.name: \"dpo\"  # dpo|ipo|copg|sft|reward_model." in lines
-    assert any(x.startswith("output.export: \"final\"  # final|best. Offline runs:") for x in lines)
+    assert (
+        "loss.beta: 0.25  # KL strength: DPO's and CoPG's beta, IPO's tau (target margin 1/(2 beta))."
+        in lines
+    )
+    assert 'loss.name: "dpo"  # dpo|ipo|copg|sft|reward_model.' in lines
+    assert any(x.startswith('output.export: "final"  # final|best. Offline runs:') for x in lines)
     assert not (tmp_path / "runs").exists()  # printed, nothing trained
     assert main(["train", "--print-config", "configs/tiny-cpu/ppo.yaml"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "algo.name: \"ppo\"  # rloo|reinforce|vanilla_pg|ppo|raft|copg." in lines
+    assert 'algo.name: "ppo"  # rloo|reinforce|vanilla_pg|ppo|raft|copg.' in lines
     assert any(x.startswith("train.max_skipped_steps: 3  # Updates with a non-finite") for x in lines)
     from polyalign.config import RunConfig, leaves
 

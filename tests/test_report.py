@@ -1,6 +1,7 @@
 """Tests for polyalign.train.logging (metrics JSONL, resume truncation, progress) and polyalign.recipes.report."""
 
 import json
+import math
 from contextlib import closing
 
 import pytest
@@ -22,17 +23,13 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_log_writes_one_flushed_line_per_step_with_tensors_as_numbers(tmp_path):
+def test_log_writes_one_flushed_line_per_step(tmp_path):
     logger = MetricsLogger(tmp_path, use_tensorboard=False)
-    logger.log(1, {"reward": torch.tensor(0.5), "kl": torch.tensor([0.25]), "n": 3, "algo": "rloo"})
+    logger.log(1, {"reward": 0.5, "kl": float("nan"), "n": 3, "algo": "rloo"})
     # Flushed per line: readable before close.
     (record,) = _lines(tmp_path / "metrics.jsonl")
-    assert record["step"] == 1 and record["reward"] == 0.5 and record["kl"] == 0.25
+    assert record["step"] == 1 and record["reward"] == 0.5 and math.isnan(record["kl"])
     assert record["n"] == 3 and record["algo"] == "rloo" and isinstance(record["time"], float)
-    with pytest.raises(ValueError, match="'vec' is a tensor of shape"):
-        logger.log(2, {"vec": torch.ones(3)})
-    with pytest.raises(TypeError, match="'obj' has unsupported type"):
-        logger.log(2, {"obj": object()})
     logger.close()
 
 

@@ -41,20 +41,6 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
-def _to_number(key: str, value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"MetricsLogger: metric {key!r} is a tensor of shape {tuple(value.shape)}; log a scalar"
-            )
-        return value.item()
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    raise TypeError(f"MetricsLogger: metric {key!r} has unsupported type {type(value).__name__}")
-
-
 def cut_logs(run_dir: Path, step: int) -> None:
     """Cut a run's logs back to `step` (-1: empty them) before it resumes from that step's checkpoint, so that
     every step is logged exactly once: records past it in metrics.jsonl and samples.jsonl (and torn lines of
@@ -108,9 +94,8 @@ class MetricsLogger:
         self._tb = _tensorboard_writer(self.run_dir, use_tensorboard)
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Write one line {"step", "time", **metrics}; tensors become numbers. Returns the record."""
-        record = {"step": int(step), "time": time.time()}
-        record.update({k: _to_number(k, v) for k, v in metrics.items()})
+        """Write one line {"step", "time", **metrics} (plain numbers: trainers log floats). Returns the record."""
+        record = {"step": int(step), "time": time.time(), **metrics}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if self._tb is not None:
@@ -195,7 +180,7 @@ class Progress:
         parts = []
         for key in self.keys:
             if key in metrics and metrics[key] is not None:
-                parts.append(f"{_LABELS.get(key, key)} {float(_to_number(key, metrics[key])):.4g}")
+                parts.append(f"{_LABELS.get(key, key)} {float(metrics[key]):.4g}")
         if s_per_step is not None:
             parts.append(f"s/step {s_per_step:.3g}")
         return " ".join(parts)

@@ -9,12 +9,12 @@ Step convention: `step` counts optimizer steps already taken, so the first updat
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -153,10 +153,7 @@ def micro_batches(n_rows: int, micro_batch_size: int) -> list[slice]:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy (when installed) and torch (CPU and every CUDA device)."""
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    with contextlib.suppress(ImportError):
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
