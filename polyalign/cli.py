@@ -1,6 +1,8 @@
 """The `polyalign` command: parse, build a config, call one function. No logic lives here.
 
-polyalign train [CONFIG.yaml] [--resume] [--section.key=value ...]   online RL (default: the quickstart)
+polyalign train [CONFIG] [--resume|--overwrite] [--section.key=value ...]   online or offline training
+polyalign train --print-config [CONFIG] [--section.key=value ...]    every key, its value and its doc
+polyalign configs                                                     the shipped configs (CONFIG names)
 polyalign repro copg-bandit [--epochs N] [--seed S] [--out DIR]      CoPG paper, Sec. 5 toy bandit
 polyalign repro back-to-basics [--seeds 0 1 2] [--out DIR] ...       RLOO paper, Table 1 in miniature
 polyalign eval CONFIG.yaml [--section.key=value ...]                  win-rate / harm rate / exact match
@@ -17,7 +19,6 @@ import argparse
 import os
 import sys
 import traceback
-from pathlib import Path
 
 
 def _split_overrides(extra: list[str]) -> list[str]:
@@ -34,17 +35,22 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from polyalign.config import load_config
     from polyalign.config_offline import is_offline_config, load_offline_config
 
-    offline = args.config is not None and Path(args.config).is_file() and is_offline_config(args.config)
+    offline = args.config is not None and is_offline_config(args.config)
     cfg = (load_offline_config if offline else load_config)(args.config, _split_overrides(extra))
+    if args.print_config:
+        from polyalign.recipes.configs import config_lines
+
+        print("\n".join(config_lines(cfg)))
+        return 0
     if offline:
         from polyalign.train.offline import train_offline
 
-        summary = train_offline(cfg, resume=args.resume)
+        summary = train_offline(cfg, resume=args.resume, overwrite=args.overwrite)
         start, best, key = summary.get("eval_start"), summary.get("best_eval"), "eval/accuracy"
     else:
         from polyalign.train.online import train_online
 
-        summary = train_online(cfg, resume=args.resume)
+        summary = train_online(cfg, resume=args.resume, overwrite=args.overwrite)
         start, best, key = summary.get("eval_start"), summary.get("best_eval"), "eval/reward"
     if cfg.output.report and int(os.environ.get("RANK", "0")) == 0:
         from polyalign.recipes.report import before_after, write_training_report
@@ -56,7 +62,15 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print(
             f"held-out {key.split('/')[1]} {start[key]:.3f} -> best {best[key]:.3f}; report: {summary.get('report')}"
         )
+    if summary.get("model_step") is not None:
+        print(f"{summary['model']} holds the weights of step {summary['model_step']} (output.export)")
     return 0
+
+
+def cmd_configs(args: argparse.Namespace, extra: list[str]) -> int:
+    from polyalign.recipes.configs import cli_configs
+
+    return cli_configs()
 
 
 def cmd_repro(args: argparse.Namespace, extra: list[str]) -> int:
@@ -110,11 +124,7 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     return cli_plan(args.config, _split_overrides(extra), args.nproc, args.gpu_memory, args.json)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="polyalign", description="Align language models with rewards and preferences."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_train_parser(sub) -> None:
     train = sub.add_parser(
         "train",
         help="online RL from a reward (RLOO, REINFORCE, vanilla PG, PPO, RAFT, CoPG) or, with a `loss:` "
@@ -122,9 +132,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="With no config: RLOO (k=4) on the built-in stories260K model against the "
         "built-in sentiment reward model. Overrides: --section.key=value.",
     )
-    train.add_argument("config", nargs="?", help="YAML config; omitted = the built-in quickstart")
+    train.add_argument(
+        "config",
+        nargs="?",
+        help="YAML file or shipped config (`polyalign configs`); omitted = the quickstart",
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in output.run_dir")
+    train.add_argument(
+        "--overwrite", action="store_true", help="start afresh in a used output.run_dir (its run is removed)"
+    )
+    train.add_argument("--print-config", action="store_true", help="print every key, value and doc; exit")
     train.set_defaults(func=cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polyalign", description="Align language models with rewards and preferences."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+    sub.add_parser("configs", help="list the shipped configs (polyalign train NAME runs one)").set_defaults(
+        func=cmd_configs
+    )
     repro = sub.add_parser("repro", help="the papers' experiments in miniature")
     repro.add_argument("name", choices=["copg-bandit", "back-to-basics", "copg-offline"])
     repro.add_argument("--epochs", type=int, default=100, help="copg-bandit: passes over the 10^4 pairs")

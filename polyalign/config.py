@@ -8,14 +8,18 @@ next to every run as `config.yaml`. Imports no transformers.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-ONLINE_ALGORITHMS = ("rloo", "reinforce", "vanilla_pg", "ppo", "raft", "copg")
+SHIPPED = Path(__file__).parent / "configs"  # the configs that travel with the package
+Algorithm = Literal["rloo", "reinforce", "vanilla_pg", "ppo", "raft", "copg"]
+Schedule = Literal["constant", "linear", "cosine"]  # after warm-up
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     """Module names to adapt, or "all-linear" (every linear layer but the output head)."""
-    save: str = "adapter"
+    save: Literal["adapter", "merged", "both"] = "adapter"
     """What checkpoints hold: adapter (adapter weights only) | merged (base + adapter folded in) | both."""
 
 
@@ -37,13 +41,13 @@ class ModelConfig:
     """Policy to train: a built-in short name, a local directory or a Hugging Face hub id."""
     reference: str | None = None
     """Reference model for the KL penalty; None = a frozen copy of the starting policy."""
-    dtype: str = "float32"
-    """float32 | bfloat16 | float16: the dtype the models are held in."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The dtype the models are held in."""
     gradient_checkpointing: bool = False
     device: str = "cpu"
     threads: int = 0
     """torch.set_num_threads on CPU; 0 = leave torch's default."""
-    parallel: str = "ddp"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun (more than one process): ddp (replicated weights, averaged gradients) | fsdp (FSDP2
     `fully_shard`: weights, gradients and optimizer state sharded across processes). Ignored in one process."""
     lora: LoraConfig | None = None
@@ -78,8 +82,7 @@ class VLLMConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    engine: str = "hf"
-    """hf | vllm."""
+    engine: Literal["hf", "vllm"] = "hf"
     samples_per_prompt: int = 4
     """k: completions sampled per prompt (the group size)."""
     prompts_per_step: int = 16
@@ -101,19 +104,21 @@ class RewardConfig:
     """Subtracted from the score of a completion that never reached EOS (a guard against reward hacking)."""
     length_penalty: float = 0.0
     """Subtracted per completion token."""
+    max_abs: float = 1e6
+    """A reward function's score beyond +-max_abs is an error naming the function (a runaway reward swamps
+    the loss: the whole batch would learn from one row, or the loss overflows)."""
 
 
 @dataclass(frozen=True)
 class AlgoConfig:
-    name: str = "rloo"
-    """rloo | reinforce | vanilla_pg | ppo | raft | copg."""
+    name: Algorithm = "rloo"
     kl_coef: float = 0.05
     """beta in r - beta * log(pi/pi_ref). 0 disables the reference model."""
-    kl_estimator: str = "k1"
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
     """k1 (signed, the papers') | k2 | k3 | abs."""
-    kl_aggregate: str = "sum"
+    kl_aggregate: Literal["sum", "mean"] = "sum"
     """sum over completion tokens (the papers') | mean."""
-    logprob_aggregate: str = "sum"
+    logprob_aggregate: Literal["sum", "token_mean"] = "sum"
     """Sequence log-prob in the policy loss: sum (the papers') | token_mean."""
     whiten_advantages: bool = False
     clip_eps: float | None = None
@@ -122,7 +127,7 @@ class AlgoConfig:
     """Gradient steps per rollout batch (the rollout is split into this many minibatches; paper: 2)."""
     baseline_momentum: float | None = None
     """reinforce: None = running mean of all past rewards (the paper); else an exponential moving average."""
-    copg_form: str = "surrogate"
+    copg_form: Literal["surrogate", "squared"] = "surrogate"
     """copg: surrogate | squared (same gradient)."""
     ppo_epochs: int = 4
     ppo_clip_eps: float = 0.2
@@ -132,7 +137,7 @@ class AlgoConfig:
     value_clip_eps: float | None = 0.2
     value_model: str | None = None
     """ppo: critic initialisation; None = the policy's weights with a fresh scalar head."""
-    importance_correction: str = "none"
+    importance_correction: Literal["none", "tis"] = "none"
     """none | tis: multiply each completion's advantage by min(pi_train / pi_sampler, importance_cap), the
     sequence-level truncated importance weight that corrects a rollout engine whose log-probs differ from
     the trainer's (vLLM, bf16). The mismatch itself is logged every step either way."""
@@ -145,13 +150,15 @@ class TrainConfig:
     """Rollout batches (online) to train on."""
     lr: float = 5e-5
     warmup_steps: int = 0
-    schedule: str = "constant"
-    """constant | linear | cosine (after warm-up)."""
+    schedule: Schedule = "constant"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     micro_batch_size: int = 0
     """Rows per forward/backward; 0 = the whole minibatch. Gradients accumulate over micro-batches."""
     seed: int = 0
+    max_skipped_steps: int = 3
+    """Updates with a non-finite loss or gradient norm are skipped; this many in a row stop the run with an
+    error (the weights, checked finite after every update, are never saved non-finite)."""
 
 
 @dataclass(frozen=True)
@@ -167,13 +174,16 @@ class OutputConfig:
     run_dir: str = "runs/quickstart"
     checkpoint_every: int = 25
     keep_last: int = 2
-    checkpoint_format: str = "full"
+    checkpoint_format: Literal["full", "sharded"] = "full"
     """full: full weights (safetensors) + optimizer state, written by rank 0 (FSDP gathers them first) |
     sharded: torch.distributed.checkpoint, every process writes its own shards (no full copy anywhere: for
     models too big to gather on one machine). Either kind resumes on any process count."""
     sample_every: int = 25
     progress: bool = True
     report: bool = True
+    export: Literal["final", "best"] = "final"
+    """Offline runs: the weights run_dir/model holds: final (the last step's) | best (the checkpoint with the
+    best held-out accuracy; the final weights when there are no held-out pairs). The summary names the step."""
 
 
 @dataclass(frozen=True)
@@ -201,65 +211,78 @@ def check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def check_choice(value: str, where: str, options: tuple[str, ...]) -> None:
-    check(value in options, f"{where}: {value!r} not in {'|'.join(options)}")
+# Numbers that must be > 0 (zero means nothing for them); every other number must be >= 0 unless SIGNED.
+POSITIVE = tuple(
+    """rollout.samples_per_prompt rollout.prompts_per_step rollout.max_new_tokens rollout.top_p
+    rollout.vllm.gpu_memory_utilization algo.updates_per_batch algo.ppo_epochs algo.ppo_clip_eps train.steps
+    eval.num_prompts eval.max_new_tokens data.max_prompt_tokens reward.max_abs""".split()
+)
+SHARED_POSITIVE = tuple(
+    "train.lr train.max_skipped_steps output.keep_last model.lora.r model.lora.alpha".split()
+)
+SIGNED = ("reward.functions", "reward.no_eos_penalty", "reward.length_penalty", "train.seed")
+
+
+def leaves(node: typing.Any, where: str = "", hint: typing.Any = None) -> typing.Iterator[tuple]:
+    """(dotted key, value, type) of every setting in a config, nested sections and mappings included."""
+    if dataclasses.is_dataclass(node):
+        hints = typing.get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            yield from leaves(getattr(node, f.name), f"{where}.{f.name}".lstrip("."), hints[f.name])
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from leaves(value, f"{where}.{key}")
+    else:
+        yield where, node, hint
+
+
+def check_settings(cfg: typing.Any, positive: tuple[str, ...]) -> None:
+    """A choice (a Literal field) is one of its options. Every number is finite (`--train.lr=inf` would train
+    on NaN weights); counts, sizes, rates and coefficients are >= 0, and > 0 where zero means nothing
+    (`positive`): at load, before any model loads."""
+    for where, value, hint in leaves(cfg):
+        options = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        check(not options or value in options, f"{where}: {value!r} not in {'|'.join(options)}")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        check(math.isfinite(value), f"{where} must be a finite number, got {value}")
+        if where in positive + SHARED_POSITIVE:
+            check(value > 0, f"{where} must be > 0, got {value}")
+        elif not where.startswith(SIGNED):
+            check(value >= 0, f"{where} must be >= 0, got {value}")
+
+
+def validate_common(cfg: typing.Any, positive: tuple[str, ...], schedule_steps: int) -> None:
+    """Checks shared by online and offline configs: choices, numbers, LoRA, schedule."""
+    m, t = cfg.model, cfg.train
+    check_settings(cfg, positive)
+    if m.lora is not None:
+        check(m.lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {m.lora.dropout}")
+    check(
+        t.schedule == "constant" or schedule_steps == 0 or schedule_steps > t.warmup_steps,
+        f"train: the {t.schedule} schedule needs steps ({schedule_steps}) > warmup_steps ({t.warmup_steps})",
+    )
 
 
 def validate(cfg: RunConfig) -> None:
     a, r, t = cfg.algo, cfg.rollout, cfg.train
-    check(
-        a.name in ONLINE_ALGORITHMS,
-        f"algo.name: unknown algorithm {a.name!r}; choose from {ONLINE_ALGORITHMS}",
-    )
+    validate_common(cfg, POSITIVE, t.steps)
     if a.name in ("rloo", "copg", "raft"):
         check(
             r.samples_per_prompt >= 2,
             f"rollout.samples_per_prompt must be >= 2 for {a.name} (got {r.samples_per_prompt})",
         )
-    check_choice(a.kl_estimator, "algo.kl_estimator", ("k1", "k2", "k3", "abs"))
-    check_choice(a.kl_aggregate, "algo.kl_aggregate", ("sum", "mean"))
-    check_choice(a.logprob_aggregate, "algo.logprob_aggregate", ("sum", "token_mean"))
-    check_choice(a.copg_form, "algo.copg_form", ("surrogate", "squared"))
-    check(a.kl_coef >= 0, "algo.kl_coef must be >= 0")
-    batch = r.prompts_per_step * r.samples_per_prompt
+    check(a.importance_cap >= 1.0, f"algo.importance_cap must be >= 1, got {a.importance_cap}")
     check(
-        a.updates_per_batch >= 1 and r.prompts_per_step % a.updates_per_batch == 0,
+        r.prompts_per_step % a.updates_per_batch == 0,
         f"rollout.prompts_per_step ({r.prompts_per_step}) must be a multiple of algo.updates_per_batch "
         f"({a.updates_per_batch}) so every minibatch holds whole groups",
     )
-    check_choice(r.engine, "rollout.engine", ("hf", "vllm"))
-    check(
-        r.max_new_tokens >= 1 and r.temperature >= 0 and 0 < r.top_p <= 1,
-        "rollout: need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1",
-    )
-    check_choice(t.schedule, "train.schedule", ("constant", "linear", "cosine"))
-    check(t.steps >= 1 and t.lr > 0, "train: need steps >= 1 and lr > 0")
-    check(0 <= t.micro_batch_size <= batch, f"train.micro_batch_size must be in 0..{batch}")
-    check_choice(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+    check(r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    check(r.vllm.gpu_memory_utilization < 1, "rollout.vllm.gpu_memory_utilization must be in (0, 1)")
+    batch = r.prompts_per_step * r.samples_per_prompt
+    check(t.micro_batch_size <= batch, f"train.micro_batch_size must be in 0..{batch}")
     check(bool(cfg.reward.functions), "reward.functions: give at least one reward")
-    check(
-        a.importance_correction in ("none", "tis") and a.importance_cap >= 1.0,
-        f"algo.importance_correction: {a.importance_correction!r} not in none|tis (importance_cap >= 1)",
-    )
-    check(
-        0 < r.vllm.gpu_memory_utilization < 1 and r.vllm.max_model_len >= 0,
-        "rollout.vllm: need 0 < gpu_memory_utilization < 1 and max_model_len >= 0",
-    )
-    validate_model(cfg.model)
-    validate_output(cfg.output)
-
-
-def validate_output(o: OutputConfig) -> None:
-    check_choice(o.checkpoint_format, "output.checkpoint_format", ("full", "sharded"))
-
-
-def validate_model(m: ModelConfig) -> None:
-    """Checks shared by online and offline configs."""
-    check_choice(m.parallel, "model.parallel", ("ddp", "fsdp"))
-    if m.lora is not None:
-        check(m.lora.r >= 1 and m.lora.alpha > 0, "model.lora: need r >= 1 and alpha > 0")
-        check(0 <= m.lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {m.lora.dropout}")
-        check_choice(m.lora.save, "model.lora.save", ("adapter", "merged", "both"))
 
 
 # ---------------------------------------------------------------- YAML <-> dataclasses
@@ -308,15 +331,13 @@ def _coerce(tp: typing.Any, value: typing.Any, where: str) -> typing.Any:
             return float(value)
         except ValueError:
             pass
+    if origin is Literal:  # a choice: its options are checked with the other settings (`check_settings`)
+        tp = type(args[0])
     if tp in (int, str, bool) and type(value) is tp:
         return value
     raise ConfigError(
         f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})"
     )
-
-
-def to_dict(cfg: typing.Any) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -341,9 +362,7 @@ def load_config(
     """YAML file (or the built-in defaults when path is None) + dotted overrides -> validated config."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = find_config(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -355,5 +374,17 @@ def load_config(
         raise ConfigError(f"{path or 'defaults'}: {e}") from None
 
 
+def find_config(path: str | Path) -> Path:
+    """An existing file, else a shipped config named by its path under polyalign/configs/, with or without a
+    leading `configs/` and the `.yaml` suffix: `offline/dpo`, `configs/offline/dpo.yaml`, from any folder."""
+    if Path(path).is_file():
+        return Path(path)
+    name = str(path).removeprefix("configs/").removesuffix(".yaml")
+    shipped = SHIPPED / f"{name}.yaml"
+    if not shipped.is_file() or ".." in Path(name).parts:
+        raise ConfigError(f"config file not found: {path} (nor among the shipped ones: `polyalign configs`)")
+    return shipped
+
+
 def dump_yaml(cfg: typing.Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from polyalign.config import (
     ModelConfig,
     OutputConfig,
+    Schedule,
     check,
-    check_choice,
+    find_config,
     load_config,
-    validate_model,
-    validate_output,
+    validate_common,
 )
 
-OFFLINE_LOSSES = ("dpo", "ipo", "copg", "sft", "reward_model")
+Loss = Literal["dpo", "ipo", "copg", "sft", "reward_model"]
 COLUMN_NAMES = ("prompt", "chosen", "rejected", "conversations", "completion", "reward", "language")
 
 
@@ -38,8 +39,8 @@ class OfflineDataConfig:
     """Held-out pairs; None = split `eval_fraction` of the training prompts off instead."""
     eval_fraction: float = 0.1
     """Fraction of training pairs held out when `eval` is None (split by prompt, seeded); 0 = no eval."""
-    fmt: str = "auto"
-    """auto | pairs | hh | sharegpt | scored (see polyalign/data/preference.py)."""
+    fmt: Literal["auto", "pairs", "hh", "sharegpt", "scored"] = "auto"
+    """See polyalign/data/preference.py."""
     split: str = "train"
     """Split of a hub dataset (the eval file uses the same split name)."""
     columns: dict[str, str] = field(default_factory=dict)
@@ -50,9 +51,9 @@ class OfflineDataConfig:
     max_length: int = 512
     """Prompt + completion tokens per example; longer examples are truncated (counts are logged)."""
     max_prompt_length: int = 256
-    on_error: str = "error"
+    on_error: Literal["error", "skip"] = "error"
     """error: the first bad row stops the run, naming file, line and field | skip: skip and count bad rows."""
-    pair_strategy: str = "best_worst"
+    pair_strategy: Literal["best_worst", "all_pairs", "random_pairs"] = "best_worst"
     """Scored data -> pairs: best_worst (DPO) | all_pairs | random_pairs (CoPG)."""
     rescore_with: str | None = None
     """A reward model (built-in name or path) that scores both sides of every pair once at setup; the pair is
@@ -65,17 +66,16 @@ class OfflineDataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "dpo"
-    """dpo | ipo | copg | sft | reward_model."""
+    name: Loss = "dpo"
     beta: float = 0.1
     """KL strength: DPO's and CoPG's beta, IPO's tau (target margin 1/(2 beta))."""
     label_smoothing: float = 0.0
     """dpo: conservative-DPO label noise eps in [0, 0.5)."""
     length_normalize: bool = False
     """ipo: divide sequence log-probs by completion length (TRL's variant); False = the paper."""
-    copg_form: str = "squared"
+    copg_form: Literal["squared", "surrogate"] = "squared"
     """copg: squared | surrogate (same gradient)."""
-    sft_target: str = "chosen"
+    sft_target: Literal["chosen", "random"] = "chosen"
     """sft: train on the chosen completion, or on a random side of each pair (seeded per step)."""
 
 
@@ -100,11 +100,13 @@ class OfflineTrainConfig:
     """Pairs per forward/backward; 0 = the whole batch. Gradients accumulate over micro-batches."""
     lr: float = 5e-4
     warmup_steps: int = 0
-    schedule: str = "constant"
-    """constant | linear | cosine (after warm-up)."""
+    schedule: Schedule = "constant"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    max_skipped_steps: int = 3
+    """Updates with a non-finite loss or gradient norm are skipped; this many in a row stop the run with an
+    error (the weights, checked finite after every update, are never saved or exported non-finite)."""
 
 
 @dataclass(frozen=True)
@@ -131,49 +133,28 @@ class OfflineRunConfig:
         validate_offline(self)
 
 
+# Numbers that must be > 0; every other number >= 0 (config.check_numbers), besides the shared ones.
+POSITIVE = tuple(
+    """data.max_length data.max_prompt_length loss.beta train.epochs train.batch_size reference.batch_size
+    eval.batch_size""".split()
+)
+
+
 def validate_offline(cfg: OfflineRunConfig) -> None:
     d, lo, t = cfg.data, cfg.loss, cfg.train
-    check_choice(lo.name, "loss.name", OFFLINE_LOSSES)
-    check_choice(d.fmt, "data.fmt", ("auto", "pairs", "hh", "sharegpt", "scored"))
-    check_choice(d.on_error, "data.on_error", ("error", "skip"))
-    check_choice(d.pair_strategy, "data.pair_strategy", ("best_worst", "all_pairs", "random_pairs"))
-    check_choice(lo.copg_form, "loss.copg_form", ("squared", "surrogate"))
-    check_choice(lo.sft_target, "loss.sft_target", ("chosen", "random"))
-    check_choice(t.schedule, "train.schedule", ("constant", "linear", "cosine"))
-    check_choice(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+    validate_common(cfg, POSITIVE, t.steps)
     unknown = sorted(set(d.columns) - set(COLUMN_NAMES))
     check(not unknown, f"data.columns: unknown key(s) {unknown}; valid keys: {list(COLUMN_NAMES)}")
-    check(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    check(d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     check(
-        d.max_length >= 2 and 1 <= d.max_prompt_length < d.max_length,
-        f"data: need max_length >= 2 and 1 <= max_prompt_length < max_length "
-        f"(got {d.max_length}, {d.max_prompt_length})",
+        d.max_prompt_length < d.max_length,
+        f"data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})",
     )
-    check(lo.beta > 0, f"loss.beta must be > 0, got {lo.beta}")
+    check(lo.label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
     check(
-        0.0 <= lo.label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}"
-    )
-    check(t.steps >= 0 and t.epochs > 0, f"train: need steps >= 0 and epochs > 0 (got {t.steps}, {t.epochs})")
-    check(
-        t.batch_size >= 1 and t.lr > 0, f"train: need batch_size >= 1 and lr > 0 (got {t.batch_size}, {t.lr})"
-    )
-    check(
-        0 <= t.micro_batch_size <= t.batch_size,
+        t.micro_batch_size <= t.batch_size,
         f"train.micro_batch_size must be in 0..{t.batch_size} (got {t.micro_batch_size})",
     )
-    check(t.warmup_steps >= 0 and t.max_grad_norm >= 0, "train: warmup_steps and max_grad_norm must be >= 0")
-    check(
-        t.schedule == "constant" or t.steps == 0 or t.steps > t.warmup_steps,
-        f"train: the {t.schedule} schedule needs steps ({t.steps}) > warmup_steps ({t.warmup_steps})",
-    )
-    check(cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1")
-    check(
-        cfg.eval.every >= 0 and cfg.eval.batch_size >= 1 and cfg.eval.max_pairs >= 0,
-        "eval: need every >= 0, batch_size >= 1, max_pairs >= 0",
-    )
-    check(cfg.output.keep_last >= 1, "output.keep_last must be >= 1")
-    validate_model(cfg.model)
-    validate_output(cfg.output)
 
 
 def load_offline_config(path: str | Path | None = None, overrides: list[str] = ()) -> OfflineRunConfig:
@@ -185,5 +166,5 @@ def is_offline_config(data: dict | str | Path) -> bool:
     """True when a config (parsed dict, or a YAML path) has a top-level `loss:` section (offline), False for
     online configs. The CLI dispatches `polyalign train CONFIG` on this."""
     if not isinstance(data, dict):
-        data = yaml.safe_load(Path(data).read_text()) or {}
+        data = yaml.safe_load(find_config(data).read_text()) or {}
     return isinstance(data, dict) and "loss" in data

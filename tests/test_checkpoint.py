@@ -18,6 +18,7 @@ from torch import nn
 from polyalign.files import atomic_write_json, atomic_write_text
 from polyalign.train.checkpoint import (
     best_checkpoint,
+    claim_run_dir,
     latest_checkpoint,
     load_checkpoint,
     mark_best,
@@ -48,7 +49,7 @@ def test_round_trip_continues_exactly_like_an_uninterrupted_run(tmp_path):
     random.seed(7)
     np.random.seed(7)
     state = {"data_position": 48, "baseline": torch.tensor(0.25), "best": {"reward": 1.5, "step": 2}}
-    save_checkpoint(tmp_path, 3, {"policy": model}, opt, {"last_lr": 1e-2}, state)
+    save_checkpoint(tmp_path, 3, {"policy": model}, opt, state)
 
     # Uninterrupted: draw from every RNG, then take one more step.
     draws = (random.random(), np.random.rand(), torch.rand(2))
@@ -61,7 +62,7 @@ def test_round_trip_continues_exactly_like_an_uninterrupted_run(tmp_path):
     resumed = _tiny()
     resumed_opt = build_optimizer(resumed.named_parameters(), lr=1e-2, weight_decay=0.1)
     loaded = load_checkpoint(tmp_path, {"policy": resumed}, resumed_opt)
-    assert loaded["step"] == 3 and loaded["scheduler_state"] == {"last_lr": 1e-2}
+    assert loaded["step"] == 3
     assert loaded["trainer_state"] == {
         "data_position": 48,
         "baseline": 0.25,
@@ -242,3 +243,24 @@ def test_kill_9_during_saves_leaves_a_loadable_consistent_checkpoint(tmp_path):
         step = state["step"]
         assert state["trainer_state"] == {"step_value": step}
         assert all(torch.all(p == float(step)) for p in model.parameters())
+
+
+def test_claim_run_dir_fresh_overwrite_and_resume(tmp_path):
+    """A fresh run refuses a used folder (naming --resume and --overwrite); --overwrite removes the previous
+    run's outputs only; --resume cuts the logs back to the latest checkpoint (no checkpoint: empties them)."""
+    run = tmp_path / "run"
+    assert claim_run_dir(run, resume=False) == run and run.is_dir()  # new and empty: fine
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        claim_run_dir(run, resume=False)
+    claim_run_dir(run, resume=True)  # no checkpoint: from step 0, logs emptied
+    assert (run / "metrics.jsonl").read_text() == ""
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    save_checkpoint(run, 2, {"policy": _tiny()})
+    claim_run_dir(run, resume=True)
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+    with pytest.raises(ValueError, match="pass one"):
+        claim_run_dir(run, resume=True, overwrite=True)
+    claim_run_dir(run, resume=False, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]

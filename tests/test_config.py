@@ -1,5 +1,6 @@
 """Config loading: strict keys, types, dotted overrides, validation, and every shipped YAML."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def test_dotted_overrides_and_yaml_float_strings():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--algo.name=dpo", "unknown algorithm"),
+        ("--algo.name=dpo", "algo.name: 'dpo' not in rloo|reinforce"),
         ("--rollout.samples_per_prompt=1", "must be >= 2 for rloo"),
         ("--algo.kl_estimator=k9", "kl_estimator"),
         ("--rollout.prompts_per_step=3", "multiple of algo.updates_per_batch"),
@@ -57,6 +58,60 @@ def test_dotted_overrides_and_yaml_float_strings():
 def test_validation_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+ONLINE_BAD = [
+    ("--train.lr=inf", "train.lr must be a finite number, got inf"),
+    ("--algo.kl_coef=nan", "algo.kl_coef must be a finite number"),
+    ("--reward.functions={a: .inf}", "reward.functions.a must be a finite number"),
+    ("--algo.clip_eps=-.inf", "algo.clip_eps must be a finite number"),
+    ("--rollout.prompts_per_step=0", "rollout.prompts_per_step must be > 0, got 0"),
+    ("--output.keep_last=0", "output.keep_last must be > 0"),
+    ("--eval.num_prompts=-1", "eval.num_prompts must be > 0, got -1"),
+    ("--train.max_skipped_steps=0", "train.max_skipped_steps must be > 0"),
+    ("--reward.max_abs=0", "reward.max_abs must be > 0"),
+    ("--rollout.temperature=-1", "rollout.temperature must be >= 0"),
+    ("--output.checkpoint_every=-2", "output.checkpoint_every must be >= 0"),
+    ("--output.export=latest", "output.export: 'latest' not in final|best"),
+]
+OFFLINE_BAD = [
+    ("--loss.beta=inf", "loss.beta must be a finite number"),
+    ("--train.lr=nan", "train.lr must be a finite number"),
+    ("--train.batch_size=0", "train.batch_size must be > 0"),
+    ("--eval.max_pairs=-1", "eval.max_pairs must be >= 0"),
+    ("--reference.batch_size=0", "reference.batch_size must be > 0"),
+    ("--data.eval_fraction=-0.1", "data.eval_fraction must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("override, message", ONLINE_BAD)
+def test_non_finite_and_non_positive_settings_fail_at_load(override, message):
+    """One line naming the key, at load (before any model loads); a negative reward weight stays allowed."""
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        load_config(None, [override])
+    assert "\n" not in str(e.value)
+    assert load_config(None, ["--reward.functions={lexicon_sentiment: -1.0}", "--train.seed=-1"])
+
+
+@pytest.mark.parametrize("override, message", OFFLINE_BAD)
+def test_offline_settings_fail_at_load(override, message):
+    from polyalign.config_offline import load_offline_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_offline_config(None, [override])
+
+
+def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch):
+    from polyalign.config_offline import is_offline_config, load_offline_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("offline/dpo", "configs/offline/dpo.yaml", "offline/dpo.yaml"):
+        assert is_offline_config(name) and load_offline_config(name).loss.name == "dpo"
+    assert load_config("tiny-cpu/ppo").algo.name == "ppo"
+    with pytest.raises(ConfigError, match="nor among the shipped ones: `polyalign configs`"):
+        load_config("tiny-cpu/nothing")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("../polyalign/configs/tiny-cpu/ppo")
 
 
 def test_reinforce_allows_one_sample():

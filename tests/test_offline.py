@@ -325,3 +325,31 @@ def test_shipped_offline_config_runs_one_step(tmp_path, name):
     summary = train_offline(cfg)
     assert summary["data"]["train"]["pairs"] == 270 and summary["eval_final"]["eval/loss"] > 0
     assert "eval/loss" in write_training_report(summary, cfg).read_text()
+
+
+def test_ties_count_half_and_the_export_names_its_step(tmp_path, toy, monkeypatch):
+    """At step 0 the policy is its reference: every DPO margin is exactly 0, a tie, which counts half
+    (accuracy 0.5, not 0). output.export: best exports the best checkpoint's weights and the summary names
+    its step (here the first evaluation is made the best); final exports the last step's."""
+    from polyalign.train import offline
+    from polyalign.train.checkpoint import load_checkpoint
+
+    first_is_best = offline.loop.Trainer(
+        offline.train_step, offline.evaluate, lambda result, best: best is None, offline.summary
+    )
+    monkeypatch.setattr(offline, "TRAINER", first_is_best)
+    common = ["--loss.name=dpo", "--train.steps=3", "--train.lr=1e-2", "--eval.every=1"]
+    best = train_offline(tiny_cfg(tmp_path, toy, *common, "--output.export=best", name="best"))
+    assert best["eval_start"]["eval/accuracy"] == 0.5 and best["eval_start"]["eval/margin"] == 0.0
+    assert best["best_eval"]["step"] == 1 and best["model_step"] == 1
+    exported, checkpoint = load_policy(best["model"])[0], load_policy("stories260K")[0]
+    load_checkpoint(
+        tmp_path / "best" / "checkpoints" / "step_000001", {"policy": checkpoint}, restore_rng=False
+    )
+    final_weights = load_policy("stories260K")[0]
+    load_checkpoint(tmp_path / "best", {"policy": final_weights}, restore_rng=False)  # the latest: step 3
+    for name, weight in checkpoint.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], weight), name
+    assert any(not torch.equal(b, c) for b, c in zip(checkpoint.parameters(), final_weights.parameters()))
+    final = train_offline(tiny_cfg(tmp_path, toy, *common, name="final"))  # export: final, the default
+    assert final["model_step"] == 3

@@ -110,7 +110,7 @@ def test_too_long_prompt_names_the_row(tmp_path):
 
 
 def test_unknown_algorithm_and_small_k():
-    with pytest.raises(ConfigError, match="unknown algorithm"):
+    with pytest.raises(ConfigError, match="algo.name: .grpo. not in"):
         load_config(None, ["--algo.name=grpo"])
     with pytest.raises(ConfigError, match=">= 2"):
         load_config(None, ["--rollout.samples_per_prompt=1"])

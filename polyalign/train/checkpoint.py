@@ -7,7 +7,7 @@ Layout of `run_dir/checkpoints/`:
         sharded/            instead of the two above, with output.checkpoint_format=sharded: every
                             process's shards of models and optimizer (torch.distributed.checkpoint)
         rng.pt              python, numpy, torch CPU (and CUDA) RNG states
-        state.json          {"step", "trainer_state", "scheduler_state", "models", "saved_at"}
+        state.json          {"step", "trainer_state", "models", "format", "saved_at"}
         COMPLETE            written last; a directory without it is never loaded
     latest                  text file naming the newest checkpoint directory
     best                    text file naming the checkpoint chosen by `mark_best` (never pruned)
@@ -30,8 +30,8 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
@@ -43,6 +43,7 @@ from polyalign.train.distributed_checkpoint import (
     load_full_optimizer_state,
     load_sharded,
 )
+from polyalign.train.logging import METRICS, SAMPLES, cut_logs
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -81,20 +82,11 @@ def _read_pointer(root: Path, name: str) -> Path | None:
 
 
 def _rng_state() -> dict:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-    except ImportError:
-        np = None
-    if np is not None:
-        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-        state["numpy"] = {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype("int64")),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        }
+    """Python, numpy (its global state, the key array as a tensor: torch.load's weights_only mode takes no
+    numpy arrays), torch CPU and CUDA random states."""
+    kind, keys, *rest = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype("int64")), *rest]}
+    state["torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -102,16 +94,14 @@ def _rng_state() -> dict:
 
 def _restore_rng(state: dict) -> None:
     random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):  # checkpoints written before 2026-12 named the parts
+        numpy_state = [numpy_state[k] for k in ("kind", "keys", "pos", "has_gauss", "cached_gaussian")]
+    kind, keys, *rest = numpy_state
+    np.random.set_state((kind, keys.numpy().astype("uint32"), *rest))
     torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        s = state["numpy"]
-        keys = s["keys"].numpy().astype("uint32")
-        np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all(cuda_states)
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def _write_checkpoint_files(
@@ -119,7 +109,6 @@ def _write_checkpoint_files(
     step: int,
     models: dict[str, nn.Module | dict[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer | dict | None,
-    scheduler_state: dict | None,
     trainer_state: dict | None,
     sharded: Path | None = None,
 ) -> None:
@@ -139,7 +128,6 @@ def _write_checkpoint_files(
     state = {
         "step": step,
         "trainer_state": trainer_state or {},
-        "scheduler_state": scheduler_state,
         "models": sorted(models),
         "format": "sharded" if sharded is not None else "full",
         "saved_at": time.time(),
@@ -170,7 +158,6 @@ def save_checkpoint(
     step: int,
     models: dict[str, nn.Module | dict[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer | dict | None = None,
-    scheduler_state: dict | None = None,
     trainer_state: dict | None = None,
     keep_last: int | None = 2,
     sharded: Path | None = None,
@@ -197,7 +184,7 @@ def save_checkpoint(
     final, tmp = root / name, root / f".tmp-{name}"
     tmp.mkdir()
     try:
-        _write_checkpoint_files(tmp, step, models, optimizer, scheduler_state, trainer_state, sharded)
+        _write_checkpoint_files(tmp, step, models, optimizer, trainer_state, sharded)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -302,25 +289,43 @@ def load_checkpoint(
     return state
 
 
-def claim_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path:
-    """The run directory, created; refuses to start a fresh run over one that already holds checkpoints."""
+# What a run writes into its directory (trainer, `polyalign train`'s report); --overwrite removes these only.
+RUN_OUTPUTS = (CHECKPOINTS, METRICS, SAMPLES, "config.yaml", "summary.json", "data_report.json", "report.md")
+RUN_OUTPUTS += ("eval", "tensorboard", "model", "plots")
+
+
+def claim_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool = False) -> Path:
+    """The run directory, created and ready: a fresh run needs an empty (or new) one, or `overwrite`, which
+    removes the previous run's outputs first; a resumed run's logs are cut back to its latest checkpoint's
+    step (emptied without one: it starts from step 0), so that every step is logged exactly once."""
     run_dir = Path(run_dir)
-    if not resume and latest_checkpoint(run_dir) is not None:
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in output.run_dir and --overwrite removes it: pass one")
+    if overwrite:
+        for path in (run_dir / name for name in RUN_OUTPUTS):
+            if path.is_dir():
+                shutil.rmtree(path)
+            path.unlink(missing_ok=True)
+    elif not resume and run_dir.is_dir() and any(run_dir.iterdir()):
         raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --output.run_dir"
+            f"{run_dir} is not empty; pass --resume to continue its run, --overwrite to start afresh (removes "
+            f"its checkpoints and logs), or choose another --output.run_dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        cut_logs(run_dir, _step_of(ckpt) if ckpt is not None else -1)
     return run_dir
 
 
-def claim_on_main(run_dir: str, resume: bool, world: World, config_yaml: str) -> Path:
+def claim_on_main(run_dir: str, resume: bool, overwrite: bool, world: World, config_yaml: str) -> Path:
     """Rank 0 claims the run directory (see `claim_run_dir`) and writes config.yaml; the others wait and
     raise the same error when it refuses."""
     error = None
     if world.is_main:
         try:
-            atomic_write_text(claim_run_dir(run_dir, resume) / "config.yaml", config_yaml)
-        except FileExistsError as e:
+            atomic_write_text(claim_run_dir(run_dir, resume, overwrite) / "config.yaml", config_yaml)
+        except (FileExistsError, ValueError) as e:
             error = str(e)
     error = broadcast_object(error, world)
     if error:

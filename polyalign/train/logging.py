@@ -21,6 +21,8 @@ import torch
 
 from polyalign.files import atomic_write_text
 
+METRICS, SAMPLES = "metrics.jsonl", "samples.jsonl"
+
 
 def get_rank() -> int:
     """Process rank: torch.distributed if initialised, else the RANK environment variable, else 0."""
@@ -39,41 +41,32 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
-def _to_number(key: str, value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"MetricsLogger: metric {key!r} is a tensor of shape {tuple(value.shape)}; log a scalar"
-            )
-        return value.item()
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    raise TypeError(f"MetricsLogger: metric {key!r} has unsupported type {type(value).__name__}")
-
-
-def _truncate_jsonl(path: Path, max_step: int) -> None:
-    """Keep lines whose step <= max_step; drop torn or unparseable lines."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the half-written last line of a killed run
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= max_step:
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
+def cut_logs(run_dir: Path, step: int) -> None:
+    """Cut a run's logs back to `step` (-1: empty them) before it resumes from that step's checkpoint, so that
+    every step is logged exactly once: records past it in metrics.jsonl and samples.jsonl (and torn lines of
+    a killed run) are dropped, and eval/step_*.json files past it removed."""
+    for path in (run_dir / METRICS, run_dir / SAMPLES):
+        if path.exists():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the half-written last line of a killed run
+                    continue
+                if (
+                    isinstance(record, dict)
+                    and isinstance(record.get("step"), int)
+                    and record["step"] <= step
+                ):
+                    kept.append(line + "\n")
+            atomic_write_text(path, "".join(kept))
+    for path in (run_dir / "eval").glob("step_*.json"):
+        if not path.stem.removeprefix("step_").isdigit() or int(path.stem.removeprefix("step_")) > step:
+            path.unlink()
 
 
 def _tensorboard_writer(run_dir: Path, use_tensorboard: bool | str) -> Any:
-    if use_tensorboard not in (True, False, "auto"):
-        raise ValueError(
-            f"MetricsLogger: use_tensorboard must be True, False or 'auto', got {use_tensorboard!r}"
-        )
-    if use_tensorboard is False:
+    if not use_tensorboard:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -88,44 +81,21 @@ class MetricsLogger:
     """Append-only JSONL metrics (flushed per line) with optional TensorBoard mirroring.
 
     Args:
-        run_dir: the run directory; files are `metrics.jsonl` and `samples.jsonl` inside it.
+        run_dir: the run directory; files are `metrics.jsonl` and `samples.jsonl` inside it (on resume, the
+            run directory's logs were cut back to the checkpoint first: `cut_logs`).
         use_tensorboard: True, False, or "auto" (on when torch.utils.tensorboard imports).
-        resume_step: the step of the checkpoint being resumed, or None to keep existing files as they are.
-            Same as calling `truncate_after(resume_step)` right after construction.
     """
 
-    def __init__(
-        self, run_dir: str | os.PathLike, use_tensorboard: bool | str = "auto", resume_step: int | None = None
-    ) -> None:
+    def __init__(self, run_dir: str | os.PathLike, use_tensorboard: bool | str = "auto") -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.samples_path = self.run_dir / "samples.jsonl"
-        self._open()
-        if resume_step is not None:
-            self.truncate_after(resume_step)
+        self._metrics = open(self.run_dir / METRICS, "a", encoding="utf-8")
+        self._samples = open(self.run_dir / SAMPLES, "a", encoding="utf-8")
         self._tb = _tensorboard_writer(self.run_dir, use_tensorboard)
 
-    def _open(self) -> None:
-        self._metrics = open(self.metrics_path, "a", encoding="utf-8")
-        self._samples = open(self.samples_path, "a", encoding="utf-8")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records with step > `step` (and torn lines) from metrics.jsonl and samples.jsonl.
-
-        Call on resume with the checkpoint's step: those records were written after the checkpoint and the
-        resumed run writes them again.
-        """
-        self._metrics.close()
-        self._samples.close()
-        for path in (self.metrics_path, self.samples_path):
-            _truncate_jsonl(path, step)
-        self._open()
-
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Write one line {"step", "time", **metrics}; tensors become numbers. Returns the record."""
-        record = {"step": int(step), "time": time.time()}
-        record.update({k: _to_number(k, v) for k, v in metrics.items()})
+        """Write one line {"step", "time", **metrics} (plain numbers: trainers log floats). Returns the record."""
+        record = {"step": int(step), "time": time.time(), **metrics}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if self._tb is not None:
@@ -162,34 +132,17 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
 
-    def __enter__(self) -> MetricsLogger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class NullLogger:
-    """Same methods as MetricsLogger; records nothing."""
+    """Same methods as MetricsLogger; records nothing (every process but rank 0)."""
 
-    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        return {"step": int(step), **{k: _to_number(k, v) for k, v in metrics.items()}}
-
-    def log_samples(
-        self, step: int, prompts: Sequence[str], completions: Sequence[str], rewards: Any = None
-    ) -> None:
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
         return None
 
-    def truncate_after(self, step: int) -> None:
+    def log_samples(self, step: int, *rows: Any) -> None:
         return None
 
     def close(self) -> None:
-        return None
-
-    def __enter__(self) -> NullLogger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
         return None
 
 
@@ -209,7 +162,6 @@ class Progress:
         keys: Sequence[str] = ("reward", "kl", "length", "tokens_per_s"),
         enabled: bool | None = None,
         print_every: int = 0,
-        start: int = 0,
     ) -> None:
         self.total, self.keys, self.print_every = total, tuple(keys), print_every
         self.enabled = enabled is not False and sys.stdout.isatty() and is_main_process()
@@ -220,7 +172,7 @@ class Progress:
 
             columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn())
             self._bar = rp.Progress(*columns, rp.TimeRemainingColumn(), transient=False)
-            self._task = self._bar.add_task("", total=total, completed=start)
+            self._task = self._bar.add_task("", total=total)
             self._bar.start()
 
     def describe(self, metrics: dict[str, Any], s_per_step: float | None) -> str:
@@ -228,7 +180,7 @@ class Progress:
         parts = []
         for key in self.keys:
             if key in metrics and metrics[key] is not None:
-                parts.append(f"{_LABELS.get(key, key)} {float(_to_number(key, metrics[key])):.4g}")
+                parts.append(f"{_LABELS.get(key, key)} {float(metrics[key]):.4g}")
         if s_per_step is not None:
             parts.append(f"s/step {s_per_step:.3g}")
         return " ".join(parts)
@@ -256,9 +208,3 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -3,8 +3,8 @@
 A trainer is a run holder plus a `Trainer` record of four functions: its step, its evaluation, its rule for
 "this evaluation is the best so far" and its closing summary. The holder (`train/run.py`: `Run`,
 `train/offline_run.py`: `OfflineRun`) has these fields: cfg, run_dir, world, optimizer, logger, progress,
-state (JSON-friendly, saved in checkpoints), start_step, total_steps, has_eval, and the methods models()
-(name -> unwrapped module, what checkpoints hold) and console(message).
+state (JSON-friendly, saved in checkpoints), start_step, total_steps, has_eval, and the method models()
+(name -> unwrapped module, what checkpoints hold).
 
     start (world, seed, run directory) -> [resume] -> evaluate at step 0
       -> for each step: set lr -> trainer step -> log -> progress -> evaluate / checkpoint when due
@@ -44,7 +44,14 @@ from polyalign.train.distributed_checkpoint import (
     tied_names,
 )
 from polyalign.train.logging import MetricsLogger, NullLogger, Progress, print0
-from polyalign.train.optim import build_optimizer, lr_at, seed_everything, set_lr, step_optimizer
+from polyalign.train.optim import (
+    NonFiniteError,
+    build_optimizer,
+    lr_at,
+    seed_everything,
+    set_lr,
+    step_optimizer,
+)
 
 
 @dataclass(frozen=True)
@@ -54,14 +61,17 @@ class Trainer:
     step: Callable[[Any, int], dict[str, float]]  # (run, step) -> metrics of one optimizer step
     evaluate: Callable[[Any, int], dict[str, float]]  # (run, step) -> held-out metrics (logged)
     is_better: Callable[[dict, dict | None], bool]  # (result, best so far or None) -> is it the new best
-    summary: Callable[[Any], dict]  # (run) -> its part of the summary; every process (exports are collective)
+    summary: Callable[[Any], dict] = lambda run: {}  # (run) -> its part of the summary, on every process
 
 
 # ---------------------------------------------------------------- start
 
 
-def start(cfg, resume: bool, check: Callable[[Any, World], None] | None = None) -> tuple[World, Any, Path]:
-    """Threads, the process group, seeds and the run directory (rank 0 writes config.yaml there).
+def start(
+    cfg, resume: bool, overwrite: bool = False, check: Callable[[Any, World], None] | None = None
+) -> tuple[World, Any, Path]:
+    """Threads, the process group, seeds and the run directory (`checkpoint.claim_run_dir`: rank 0 cuts a
+    resumed run's logs back to its checkpoint, or clears a run to `overwrite`, and writes config.yaml).
 
     Returns (world, cfg with this process's device, run_dir). `check(cfg, world)` runs before anything is
     written, so that a configuration that cannot split over the processes fails first."""
@@ -71,7 +81,7 @@ def start(cfg, resume: bool, check: Callable[[Any, World], None] | None = None) 
     if check is not None:
         check(cfg, world)
     seed_everything(cfg.train.seed)
-    return world, cfg, claim_on_main(cfg.output.run_dir, resume, world, dump_yaml(cfg))
+    return world, cfg, claim_on_main(cfg.output.run_dir, resume, overwrite, world, dump_yaml(cfg))
 
 
 def plumbing(cfg, world: World, run_dir: Path, params, total_steps: int, keys: tuple[str, ...]):
@@ -83,17 +93,16 @@ def plumbing(cfg, world: World, run_dir: Path, params, total_steps: int, keys: t
 
 
 def resume(run) -> bool:
-    """Continue `run` from its latest checkpoint, in place: weights, optimizer, RNG, state and start_step;
-    metric lines past that step are dropped. False when there is nothing to resume."""
+    """Continue `run` from its latest checkpoint, in place: weights, optimizer, RNG, state and start_step (its
+    logs were cut back to that step in `start`). False when there is nothing to resume."""
     ckpt = latest_checkpoint(run.run_dir)
     if ckpt is None:
-        run.console(f"--resume: no checkpoint in {run.run_dir}; starting from step 0")
+        run.progress.print(f"--resume: no checkpoint in {run.run_dir}; starting from step 0")
         return False
     state = load_checkpoint(ckpt, run.models(), run.optimizer)
     run.state = dict(state.get("trainer_state", {}))
     run.start_step = int(state["step"])
-    run.logger.truncate_after(run.start_step)
-    run.console(f"resumed from {ckpt} at step {run.start_step}")
+    run.progress.print(f"resumed from {ckpt} at step {run.start_step}")
     return True
 
 
@@ -137,12 +146,20 @@ def accumulate(into: dict[str, float], values: dict, weight: float) -> None:
 
 def optimizer_step(run, params, stats: dict[str, float], steps: int = 1) -> None:
     """The guarded optimizer step on `params`; adds grad_norm / steps (the mean over a batch's `steps`
-    updates) and the skip count to `stats`."""
-    result = step_optimizer(params, run.optimizer, run.cfg.train.max_grad_norm)
+    updates) and the skip count to `stats`. train.max_skipped_steps skipped updates in a row stop the run."""
+    t = run.cfg.train
+    result = step_optimizer(params, run.optimizer, t.max_grad_norm)
     stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(result.grad_norm) / steps
     stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + float(result.skipped)
+    in_a_row = run.state.get("skipped_in_a_row", 0) + 1 if result.skipped else 0
+    run.state["skipped_in_a_row"] = in_a_row
+    if in_a_row >= t.max_skipped_steps:
+        raise NonFiniteError(
+            f"{in_a_row} updates in a row had a non-finite loss or gradient norm (train.max_skipped_steps="
+            f"{t.max_skipped_steps}): lower train.lr, check the rewards/data, or use a wider dtype"
+        )
     if result.skipped:
-        run.console(f"step skipped: {result.reason}")
+        run.progress.print(f"update skipped: non-finite gradient norm ({in_a_row} in a row)")
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -163,7 +180,7 @@ def save_run_checkpoint(run, step: int, is_best: bool) -> None:
         path = None
         if main:
             keep = run.cfg.output.keep_last
-            path = save_checkpoint(run.run_dir, step, models, optimizer, None, run.state, keep_last=keep)
+            path = save_checkpoint(run.run_dir, step, models, optimizer, run.state, keep_last=keep)
     if main and lora:
         export_lora_from(run, full, path)
     if main and is_best:
@@ -185,7 +202,7 @@ def _save_sharded_run_checkpoint(run, step: int) -> Path | None:
     if not run.world.is_main:
         return None
     names, keep = dict.fromkeys(run.models()), run.cfg.output.keep_last
-    return save_checkpoint(run.run_dir, step, names, None, None, run.state, keep_last=keep, sharded=staging)
+    return save_checkpoint(run.run_dir, step, names, None, run.state, keep_last=keep, sharded=staging)
 
 
 def export_lora_from(run, saved: nn.Module | dict, directory: Path) -> None:

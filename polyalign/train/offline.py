@@ -7,7 +7,7 @@ One step is a loop of named phases (no generation), per micro-batch of this proc
           -> update (backward, gradients accumulated over micro-batches, one guarded optimizer step)
 
 Evaluation on held-out pairs reports the loss, the preference accuracy (fraction of pairs with a positive
-margin: the implicit reward margin beta * (a_chosen - a_rejected), a = log pi/pi_ref, for DPO/IPO/CoPG; the
+margin, a tie counting half: at step 0 every DPO/IPO/CoPG margin is 0, accuracy 0.5; the implicit reward margin beta * (a_chosen - a_rejected), a = log pi/pi_ref, for DPO/IPO/CoPG; the
 score margin for reward models; the log-likelihood margin for SFT) and the accuracy per language. The best
 checkpoint is the one with the highest held-out accuracy. The loop is the shared skeleton of `train/loop.py`.
 Run it: `polyalign train configs/offline/dpo.yaml [--loss.beta=0.1 ...] [--resume]`.
@@ -197,7 +197,7 @@ def train_step(run: OfflineRun, step: int) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(run: OfflineRun, step: int) -> dict[str, float]:
-    """Held-out loss, accuracy (margin > 0), mean margin and per-language accuracy; logged at `step`."""
+    """Held-out loss, accuracy (margin > 0; a tie counts half), mean margin and per-language accuracy; logged at `step`."""
     data, cfg = run.eval_set, run.cfg
     if data is None:
         return {}
@@ -215,16 +215,16 @@ def evaluate(run: OfflineRun, step: int) -> dict[str, float]:
         margins.append(part_margins.float().cpu())
     run.model.train()
     margins_n = torch.cat(margins)  # (n,)
-    correct = margins_n > 0
+    correct = (margins_n > 0).float() + 0.5 * (margins_n == 0).float()  # a tie (step 0: all) is a coin flip
     result = {
         "eval/loss": loss_sum / sum(weights),
-        "eval/accuracy": float(correct.float().mean()),
+        "eval/accuracy": float(correct.mean()),
         "eval/margin": float(margins_n.mean()),
     }
     languages = [data.pairs[i].language for i in rows]
     for language in sorted({x for x in languages if x}):
         chosen = torch.tensor([x == language for x in languages])
-        result[f"eval/accuracy/{language}"] = float(correct[chosen].float().mean())
+        result[f"eval/accuracy/{language}"] = float(correct[chosen].mean())
     run.logger.log(step, result)
     return result
 
@@ -245,7 +245,7 @@ def train_loop(run: OfflineRun) -> None:
     loop.train_loop(run, TRAINER)
 
 
-def train_offline(cfg: OfflineRunConfig, resume: bool = False) -> dict:
+def train_offline(cfg: OfflineRunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Train on a fixed preference dataset; returns a summary (held-out results at start, best and end, data
-    report, run directory, exported model)."""
-    return loop.train(setup_offline_run(cfg, resume=resume), TRAINER)
+    report, run directory, exported model and its step). `resume` / `overwrite` as in `train_online`."""
+    return loop.train(setup_offline_run(cfg, resume, overwrite), TRAINER)

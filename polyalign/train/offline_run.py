@@ -19,6 +19,7 @@ from polyalign.files import atomic_write_text
 from polyalign.logprobs import reference_sequence_logprobs
 from polyalign.models import load_policy, load_score_model, load_tokenizer, resolve_model_path
 from polyalign.train import distributed, loop
+from polyalign.train.checkpoint import best_checkpoint, load_checkpoint
 from polyalign.train.distributed import World
 from polyalign.train.distributed_checkpoint import full_model_state
 from polyalign.train.logging import MetricsLogger, Progress, print0
@@ -63,9 +64,6 @@ class OfflineRun:
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
-
-    def console(self, message: str) -> None:
-        self.progress.print(message)
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {"reward_model" if self.cfg.loss.name == "reward_model" else "policy": self.model}
@@ -126,8 +124,8 @@ def precompute_reference(
     data.ref_chosen, data.ref_rejected = torch.cat(chosen), torch.cat(rejected)
 
 
-def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun:
-    world, cfg, run_dir = loop.start(cfg, resume)
+def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False, overwrite: bool = False) -> OfflineRun:
+    world, cfg, run_dir = loop.start(cfg, resume, overwrite)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.policy))
     # Data before the model: bad data fails fast, naming file, line and field.
     train_set, eval_set, data_report = build_pair_sets(cfg, tokenizer, console=print0)
@@ -166,9 +164,13 @@ def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False) -> OfflineRun
 
 
 def summary(run: OfflineRun) -> dict:
-    """Export the final model (Hugging Face format, or the LoRA adapter/merged model) to run_dir/model, on
-    every process (FSDP gathers the weights). The loop's closing hook; `polyalign train` writes the report."""
-    export = run.run_dir / "model"
+    """Export the model (Hugging Face format, or the LoRA adapter/merged model) to run_dir/model, on every
+    process (FSDP gathers the weights): the final weights, or with output.export: best those of the best
+    checkpoint (loaded into the model first). The loop's closing hook; `polyalign train` writes the report."""
+    export, step = run.run_dir / "model", run.total_steps
+    best = best_checkpoint(run.run_dir) if run.cfg.output.export == "best" else None
+    if best is not None:
+        step = load_checkpoint(best, run.models(), restore_rng=False)["step"]
     weights = full_model_state(run.model, run.world) if distributed.is_sharded(run.model) else None
     if run.world.is_main and run.cfg.model.lora is not None:  # model/adapter and/or model/merged
         loop.export_lora_from(run, run.model if weights is None else weights, export)
@@ -181,5 +183,6 @@ def summary(run: OfflineRun) -> dict:
         "eval_final": run.state.get("eval_final"),
         "data": run.data_report,
         "model": str(export),
+        "model_step": step,
     }
     return out

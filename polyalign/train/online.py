@@ -311,12 +311,7 @@ def is_better(result: dict, best: dict | None) -> bool:
     return best is None or result["eval/reward"] > best["eval/reward"]
 
 
-def summary(run: Run) -> dict:
-    """Nothing beyond the loop's summary: the report is written by `polyalign train` (recipes/report.py)."""
-    return {}
-
-
-TRAINER = loop.Trainer(step=train_step, evaluate=evaluate, is_better=is_better, summary=summary)
+TRAINER = loop.Trainer(step=train_step, evaluate=evaluate, is_better=is_better)  # the loop's summary only
 
 
 def train_loop(run: Run) -> None:
@@ -324,6 +319,7 @@ def train_loop(run: Run) -> None:
     loop.train_loop(run, TRAINER)
 
 
-def train_online(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train a policy online from a reward; returns a summary (start and best evaluation, run directory)."""
-    return loop.train(setup_run(cfg, resume=resume), TRAINER)
+def train_online(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train a policy online from a reward; returns a summary (start and best evaluation, run directory).
+    `resume` continues the run in output.run_dir; `overwrite` replaces it (a used run_dir is refused)."""
+    return loop.train(setup_run(cfg, resume, overwrite), TRAINER)

@@ -1,25 +1,24 @@
 """Optimizer plumbing shared by every trainer, as plain functions.
 
 Owns: optimizer construction, the learning-rate schedule (a pure function of the step), the guarded optimizer
-step (clip, NaN/Inf skip, zero grads), micro-batch slicing and seeding. It knows nothing about losses, models' architectures, rollouts or configs: trainers pass plain
-numbers and tensors in.
+step (clip, NaN/Inf skip, zero grads, finite weights), micro-batch slicing and seeding. It knows nothing
+about losses, models' architectures, rollouts or configs: trainers pass plain numbers and tensors in.
 
 Step convention: `step` counts optimizer steps already taken, so the first update uses `lr_at(0, ...)`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -39,24 +38,10 @@ def _param_groups(params: list, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    params: Iterable[nn.Parameter] | Iterable[tuple[str, nn.Parameter]],
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    name: str = "adamw",
-    momentum: float = 0.0,
-) -> torch.optim.Optimizer:
-    """Build an optimizer over the trainable parameters.
-
-    Args:
-        params: `model.parameters()` (every parameter gets `weight_decay`) or `model.named_parameters()`
-            (biases, norm weights and other 0-/1-d tensors get no weight decay).
-        name: "adamw", "adam" (L2 penalty coupled into the gradient, torch semantics) or "sgd".
-        momentum: SGD momentum; ignored by Adam/AdamW (they use `betas`).
-    """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"build_optimizer: unknown optimizer name {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    params: Iterable[nn.Parameter] | Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float = 0.0
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: `model.parameters()` (every parameter gets `weight_decay`) or
+    `model.named_parameters()` (biases, norm weights and other 0-/1-d tensors get no weight decay)."""
     if lr < 0 or weight_decay < 0:
         raise ValueError(f"build_optimizer: lr ({lr}) and weight_decay ({weight_decay}) must be >= 0")
     groups = _param_groups(list(params), weight_decay)
@@ -67,11 +52,7 @@ def build_optimizer(
     # The fused kernels (CPU and CUDA, floating-point tensors) are ~4x faster than the per-tensor loop.
     tensors = [p for g in groups for p in g["params"]]
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
 def lr_at(
@@ -80,25 +61,21 @@ def lr_at(
     warmup_steps: int = 0,
     total_steps: int | None = None,
     schedule: str = "constant",
-    min_lr_ratio: float = 0.0,
 ) -> float:
     """Learning rate for optimizer step `step` (0-based). Pure function.
 
     Warmup: `base_lr * (step + 1) / warmup_steps` for `step < warmup_steps` (so the first step is not wasted
     at lr 0 and step `warmup_steps - 1` reaches `base_lr`). After warmup, with
-    `progress = (step - warmup_steps) / (total_steps - warmup_steps)` clipped to [0, 1] and
-    `floor = min_lr_ratio * base_lr`:
+    `progress = (step - warmup_steps) / (total_steps - warmup_steps)` clipped to [0, 1]:
     - constant: `base_lr`
-    - linear:   `floor + (base_lr - floor) * (1 - progress)`
-    - cosine:   `floor + (base_lr - floor) * (1 + cos(pi * progress)) / 2`
-    The decay reaches `floor` at `step == total_steps` (the Hugging Face convention) and stays there.
+    - linear:   `base_lr * (1 - progress)`
+    - cosine:   `base_lr * (1 + cos(pi * progress)) / 2`
+    The decay reaches 0 at `step == total_steps` (the Hugging Face convention) and stays there.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"lr_at: unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     if step < 0 or warmup_steps < 0:
         raise ValueError(f"lr_at: step ({step}) and warmup_steps ({warmup_steps}) must be >= 0")
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"lr_at: min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     if schedule != "constant":
         if total_steps is None:
             raise ValueError(f"lr_at: schedule {schedule!r} needs total_steps")
@@ -109,10 +86,9 @@ def lr_at(
     if schedule == "constant":
         return base_lr
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    floor = min_lr_ratio * base_lr
     if schedule == "linear":
-        return floor + (base_lr - floor) * (1.0 - progress)
-    return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return base_lr * (1.0 - progress)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -126,57 +102,45 @@ class StepResult:
     """What `step_optimizer` did."""
 
     grad_norm: float  # total L2 norm of the gradients before clipping (may be nan/inf when skipped)
-    skipped: bool  # True when the update was not applied
-    reason: str = ""  # "" when applied; "nonfinite_loss" or "nonfinite_grad_norm" when skipped
+    skipped: bool  # True when the update was not applied (a non-finite gradient norm)
 
 
-def _all_finite(values: torch.Tensor | float | Sequence[torch.Tensor | float]) -> bool:
-    if isinstance(values, (torch.Tensor, float, int)):
-        values = [values]
-    for v in values:
-        t = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-        if not bool(torch.isfinite(t).all()):
-            return False
-    return True
+class NonFiniteError(FloatingPointError):
+    """Training produced non-finite weights, or too many non-finite steps in a row: the run stops."""
 
 
-def _zero_grads(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    for p in params:
-        p.grad = None
+def _total_norm(tensors: list[torch.Tensor], norm_type: float) -> float:
+    norm = torch.nn.utils.get_total_norm(tensors, norm_type)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
 
 
 def step_optimizer(
-    model_params: Iterable[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    max_grad_norm: float | None = 1.0,
-    loss: torch.Tensor | float | Sequence[torch.Tensor | float] | None = None,
+    model_params: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer, max_grad_norm: float | None = 1.0
 ) -> StepResult:
-    """Clip gradients, step, zero gradients; skip the update on NaN/Inf instead of training on it.
+    """Clip gradients, step, zero gradients; skip the update when the gradient norm is NaN/Inf (a non-finite
+    loss gives one) instead of training on it. `max_grad_norm` None or <= 0 measures without clipping.
 
-    Args:
-        model_params: the parameters whose gradients are clipped (usually the optimizer's parameters).
-        max_grad_norm: clip the total L2 norm to this; None or <= 0 measures the norm without clipping.
-        loss: optional loss value(s) of this step; any NaN/Inf entry also skips the update.
-
-    Returns:
-        StepResult; when skipped, gradients are zeroed and neither parameters nor optimizer state change.
+    Raises NonFiniteError when an applied update left a weight NaN/Inf (an lr far too high): checked here,
+    after every update, with one max-abs reduction, so that no checkpoint or export ever holds such weights.
     """
     params = list(model_params)
     if not any(p.grad is not None for p in params):
         raise ValueError("step_optimizer: no parameter has a .grad; call loss.backward() before stepping")
-    if loss is not None and not _all_finite(loss):
-        _zero_grads(params, optimizer)
-        return StepResult(grad_norm=float("nan"), skipped=True, reason="nonfinite_loss")
     clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=False)
     grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-    if not math.isfinite(grad_norm):
-        _zero_grads(params, optimizer)
-        return StepResult(grad_norm=grad_norm, skipped=True, reason="nonfinite_grad_norm")
-    optimizer.step()
-    _zero_grads(params, optimizer)
-    return StepResult(grad_norm=grad_norm, skipped=False)
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad = None
+    if not skipped and not math.isfinite(_total_norm([p.detach() for p in params], float("inf"))):
+        raise NonFiniteError(
+            f"the update made weights non-finite (gradient norm {grad_norm:.3g}); nothing was saved from "
+            "it: lower train.lr or raise the precision"
+        )
+    return StepResult(grad_norm=grad_norm, skipped=skipped)
 
 
 def micro_batches(n_rows: int, micro_batch_size: int) -> list[slice]:
@@ -189,10 +153,7 @@ def micro_batches(n_rows: int, micro_batch_size: int) -> list[slice]:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy (when installed) and torch (CPU and every CUDA device)."""
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    with contextlib.suppress(ImportError):
-        import numpy as np
-
-        np.random.seed(seed % 2**32)

@@ -16,7 +16,7 @@ import torch
 from polyalign.config import RunConfig
 from polyalign.data.prompts import PromptSet, check_prompt_lengths, load_prompts, prompt_batch
 from polyalign.models import load_policy, load_reference
-from polyalign.rewards import build_reward, score_all
+from polyalign.rewards import RewardError, build_reward, score_all
 from polyalign.rollout import build_engine
 from polyalign.train import distributed, loop
 from polyalign.train.distributed import World, gathered
@@ -78,17 +78,27 @@ class Run:
             return self.engine.generate(prompts, n=n, sampling=sampling, extras=extras)
 
     def score(self, prompts: list[str], completions: list[str], **columns) -> tuple[torch.Tensor, dict]:
-        return score_all(self.rewards, self.cfg.reward.functions, prompts, completions, **columns)
-
-    def console(self, message: str) -> None:
-        self.progress.print(message)
+        """(weighted total (B,), {reward name: its scores (B,)}); a score beyond +-reward.max_abs is an error
+        naming its reward function (NaN/Inf ones are refused by `score_all`)."""
+        total, components = score_all(
+            self.rewards, self.cfg.reward.functions, prompts, completions, **columns
+        )
+        bound = self.cfg.reward.max_abs
+        for name, scores in components.items():
+            if bool((scores.abs() > bound).any()):
+                row = int(scores.abs().argmax())
+                raise RewardError(
+                    f"reward {name!r} returned {float(scores[row]):.4g} for completion {row}, beyond "
+                    f"reward.max_abs={bound:g}: rescale the reward, or raise reward.max_abs if it is meant"
+                )
+        return total, components
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {"policy": self.policy} | ({"value": self.value_model} if self.value_model is not None else {})
 
 
-def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
-    world, cfg, run_dir = loop.start(cfg, resume, check=check_split)
+def setup_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Run:
+    world, cfg, run_dir = loop.start(cfg, resume, overwrite, check=check_split)
     policy, tokenizer = load_policy(
         cfg.model.policy,
         dtype=cfg.model.dtype,

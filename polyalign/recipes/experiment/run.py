@@ -87,7 +87,7 @@ def _offline(cfg: ExperimentConfig, policy: str, data: str, loss: str, sft_targe
         loss=dataclasses.replace(base.loss, name=loss, sft_target=sft_target),
         output=dataclasses.replace(base.output, run_dir=str(run_dir)),
     )
-    return train_offline(run_cfg)["model"]
+    return train_offline(run_cfg, overwrite=True)["model"]  # an incomplete run (no summary) starts afresh
 
 
 def _online(cfg: ExperimentConfig, prompts: str, run_dir: Path) -> str:
@@ -110,7 +110,7 @@ def _online(cfg: ExperimentConfig, prompts: str, run_dir: Path) -> str:
         algo=dataclasses.replace(base.algo, name="rloo"),
         output=dataclasses.replace(base.output, run_dir=str(run_dir)),
     )
-    train_online(run_cfg)
+    train_online(run_cfg, overwrite=True)  # an incomplete run (no summary) starts afresh
     model, tokenizer = load_policy(cfg.base_model)
     load_checkpoint(run_dir, {"policy": model}, restore_rng=False)
     model.save_pretrained(export)
