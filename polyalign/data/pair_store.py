@@ -117,8 +117,9 @@ def write_store(
                     )
                 good = not isinstance(t, ValueError)
                 parts = [t.prompt_ids, t.chosen_ids, t.rejected_ids] if good else [[], [], []]
-                starts = np.cumsum([offset] + [len(x) for x in parts]).tolist()
-                offset = starts[-1]
+                starts = [offset, offset + len(parts[0]), offset + len(parts[0]) + len(parts[1])]
+                offset = starts[-1] + len(parts[2])
+                starts.append(offset)
                 ids += [i for x in parts for i in x]
                 bits = [t.prompt_truncated, t.chosen_truncated, t.rejected_truncated] if good else [0] * 3
                 bits += [good and t.chosen_ids == t.rejected_ids, not good, was_swapped]

@@ -131,34 +131,31 @@ def precompute_reference(
     name: str = "data",
 ) -> None:
     """Fill data.ref_chosen / data.ref_rejected (N,) with the reference log-probs of `rows` (default all; the
-    others stay NaN). Pairs go through in batches of consecutive rows, whole batches (evaluation batches the
-    same way, so at step 0 the policy's margins are exactly 0): a row's value does not depend on which other
-    rows are needed. With a tokens cache (data.cache) the values go to a file beside it, keyed by the
-    reference's weights, and are flushed every few seconds: an interrupted precompute resumes where it was."""
-    n = len(data)
+    others stay NaN), in batches of consecutive needed rows: with every row needed, the batches evaluation uses,
+    so that at step 0 the policy's margins are exactly 0. With a tokens cache (data.cache) the values go to a
+    file beside it, keyed by the reference's weights, flushed every few seconds: an interrupted or repeated
+    precompute computes only the rows it lacks. Progress lines (done/total, rate) every 5 s."""
     values = _reference_cache(ref, data, batch_size)  # (N, 2) float32: chosen, rejected; NaN = not computed
-    needed = torch.unique((torch.arange(n) if rows is None else rows) // batch_size).tolist()
-    todo = [b for b in needed if np.isnan(values[b * batch_size : (b + 1) * batch_size]).any()]
+    rows = np.arange(len(data)) if rows is None else np.asarray(rows)
+    todo = rows[np.isnan(values[rows]).any(axis=1)]
     start = last = time.perf_counter()
-    for done, b in enumerate(todo, start=1):
-        part = slice(b * batch_size, min(n, (b + 1) * batch_size))
-        chosen, rejected = reference_sequence_logprobs(
-            ref, collate_pairs(data.pairs[part], pad_id).to(device)
-        )
+    for done in range(0, len(todo), batch_size):
+        part = todo[done : done + batch_size]
+        batch = collate_pairs([data.pairs[int(i)] for i in part], pad_id).to(device)
+        chosen, rejected = reference_sequence_logprobs(ref, batch)
         values[part] = torch.stack([chosen, rejected], 1).float().cpu().numpy()
-        if time.perf_counter() - last > 5 or (done == len(todo) and last > start):
-            last, rate = time.perf_counter(), done * batch_size / (time.perf_counter() - start)
+        now = time.perf_counter()
+        if now - last > 5 or (done + batch_size >= len(todo) and last > start):
             if isinstance(values, np.memmap):
                 values.flush()
+            count = min(done + batch_size, len(todo))
             print0(
-                f"reference log-probs ({name}): {done}/{len(todo)} batches of {batch_size}, {rate:.0f} pairs/s"
+                f"reference log-probs ({name}): {count}/{len(todo)} pairs, {count / (now - start):.0f} pairs/s"
             )
+            last = now
     if isinstance(values, np.memmap):
         values.flush()
-    data.ref_chosen, data.ref_rejected = (
-        torch.from_numpy(np.array(values[:, 0])),
-        torch.from_numpy(np.array(values[:, 1])),
-    )
+    data.ref_chosen, data.ref_rejected = (torch.from_numpy(np.array(values[:, k])) for k in (0, 1))  # (N,)
 
 
 def _reference_cache(ref: torch.nn.Module, data: PairSet, batch_size: int) -> np.ndarray:
