@@ -120,7 +120,7 @@ def read_table(
     on_error: str = "error",
     key: str | None = None,
 ) -> Records:
-    """Read records with their locations; see `iter_table` for the args."""
+    """All records with their locations; see `iter_table` for the args."""
     skipped, bad, rows, locations = [], [], [], []
     for row, location in iter_table(
         path_or_id, split, fmt, on_error=on_error, key=key, skipped=skipped, bad=bad
@@ -140,16 +140,16 @@ def iter_table(
     skipped: list[int] | None = None,
     bad: list[int] | None = None,
 ) -> Iterator[tuple[dict, str]]:
-    """(record, location) pairs, read as they are consumed: a JSONL file is streamed line by line, so a large
-    file is never held whole in memory; the other formats are read whole first.
+    """(record, location) pairs as they are read: JSONL is streamed line by line (a large file is never held
+    whole), the other formats are read whole first.
 
     Args:
         path_or_id: a `.jsonl`/`.ndjson`, `.json`, `.csv` or `.parquet` file; a folder (read with
             `datasets`: a `save_to_disk` folder or a dataset script/data folder); or a hub id.
         split: the split of a Hugging Face dataset, or of a JSON file holding {split: [records]}.
         fmt: one of FORMATS to override detection by suffix.
-        on_error: "error" raises on a malformed JSONL line; "skip" skips it and appends its number to
-            `skipped` (a line that is not UTF-8: to `bad`).
+        on_error: "error" raises on a malformed JSONL line or one that is not UTF-8; "skip" leaves it out
+            and appends its number to `skipped` (not UTF-8: to `bad`).
         key: for a JSON object file, the key holding the list of records.
     """
     if on_error not in ("error", "skip"):
@@ -158,25 +158,23 @@ def iter_table(
     fmt = fmt or _detect_format(source)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} for {source}; expected one of {FORMATS}")
-    if fmt == "hf":
-        yield from _numbered(_read_hf(source, split))
-        return
-    if not Path(source).is_file():
+    if fmt != "hf" and not Path(source).is_file():
         raise FileNotFoundError(f"no such file: {source}")
-    if fmt == "parquet":
-        yield from _numbered(_read_parquet(Path(source)))
-        return
-    lines = _text_lines(Path(source), on_error, [] if bad is None else bad)
+    if fmt in ("jsonl", "csv", "json"):
+        lines = _text_lines(Path(source), on_error, [] if bad is None else bad)
     if fmt == "jsonl":
         yield from _read_jsonl(Path(source), lines, on_error, [] if skipped is None else skipped)
     elif fmt == "csv":
         yield from _read_csv(Path(source), list(lines))
     else:
-        yield from _numbered(_read_json(Path(source), "".join(text for _, text in lines), split, key))
-
-
-def _numbered(rows: list[dict]) -> Iterator[tuple[dict, str]]:
-    return ((row, f"row {i}") for i, row in enumerate(rows))
+        rows = (
+            _read_hf(source, split)
+            if fmt == "hf"
+            else _read_parquet(Path(source))
+            if fmt == "parquet"
+            else _read_json(Path(source), "".join(text for _, text in lines), split, key)
+        )
+        yield from ((row, f"row {i}") for i, row in enumerate(rows))
 
 
 def _detect_format(source: str) -> str:

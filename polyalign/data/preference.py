@@ -116,34 +116,8 @@ def load_preferences(
     seed: int = 0,
     on_error: str = "error",
 ) -> list[PreferencePair]:
-    """Preference pairs from a file, hub id or built-in name; see `load_preferences_with_report`. Warns
-    with the report's summary when rows were skipped."""
-    pairs, report = load_preferences_with_report(
-        path_or_id,
-        fmt,
-        columns=columns,
-        language=language,
-        split=split,
-        strategy=strategy,
-        seed=seed,
-        on_error=on_error,
-    )
-    _warn_skipped(report)
-    return pairs
-
-
-def load_preferences_with_report(
-    path_or_id: str | Path,
-    fmt: str = "auto",
-    *,
-    columns: Columns = Columns(),
-    language: str | None = None,
-    split: str = "train",
-    strategy: str = "best_worst",
-    seed: int = 0,
-    on_error: str = "error",
-) -> tuple[list[PreferencePair], LoadReport]:
-    """Load and validate preference pairs.
+    """Load and validate preference pairs from a file, hub id or built-in name; warns with the load report's
+    summary when rows were skipped (`iter_preferences` gives the report).
 
     Args:
         fmt: "auto" (detected from the first record) or one of FORMATS; "scored" rows are paired by
@@ -153,22 +127,18 @@ def load_preferences_with_report(
     """
     report, items = iter_preferences(path_or_id, fmt, columns, language, split, on_error)
     items = list(items)
-    return (pairs_from_scored(items, strategy, seed) if report.fmt == "scored" else items), report
+    _warn_skipped(report)
+    return pairs_from_scored(items, strategy, seed) if report.fmt == "scored" else items
 
 
 def load_scored(
-    path_or_id: str | Path,
-    *,
-    columns: Columns = Columns(),
-    language: str | None = None,
-    split: str = "train",
-    on_error: str = "error",
+    path_or_id: str | Path, *, columns: Columns = Columns(), language=None, split="train", on_error="error"
 ) -> list[ScoredCompletion]:
-    """Scored completions {prompt, completion, reward}; see `load_preferences_with_report` for the args."""
+    """Scored completions {prompt, completion, reward}, unpaired; the args as for `load_preferences`."""
     report, items = iter_preferences(path_or_id, "scored", columns, language, split, on_error)
-    scored = list(items)
+    items = list(items)
     _warn_skipped(report)
-    return scored
+    return items
 
 
 def _warn_skipped(report: LoadReport) -> None:
@@ -187,7 +157,12 @@ def _resolve(path_or_id: str | Path, fmt: str, language: str | None) -> tuple[st
 
 
 def iter_preferences(
-    path_or_id, fmt="auto", columns=Columns(), language=None, split="train", on_error="error"
+    path_or_id: str | Path,
+    fmt: str = "auto",
+    columns: Columns = Columns(),
+    language: str | None = None,
+    split: str = "train",
+    on_error: str = "error",
 ) -> tuple[LoadReport, Iterator[PreferencePair | ScoredCompletion]]:
     """(report, records): the format is detected from the first record now; the records are read, parsed and
     validated as they are consumed (a JSONL file is streamed), and the report counts them as they go."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from polyalign.data.pair_store import (
     write_store,
 )
 from polyalign.data.preference import Columns, PreferencePair, iter_preferences, pairs_from_scored
+from polyalign.data.prompts import batch_indices, rows_used  # noqa: F401 (the trainers' data order)
 
 CACHE_MIN_BYTES = 1 << 20  # smaller files tokenize in about a second: not worth a cache entry
 STORE_VERSION = 1  # bump when the store layout or the tokenization changes
@@ -178,30 +178,6 @@ def _check_scores(sets: dict) -> None:
                 "Use scored data (data.fmt=scored, or chosen_score/rejected_score columns) or set "
                 "data.rescore_with=<reward model>"
             )
-
-
-@lru_cache(maxsize=4)
-def _epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> torch.Tensor:
-    if not shuffle:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))  # (n,)
-
-
-def batch_indices(n: int, step: int, batch_size: int, seed: int, shuffle: bool = True) -> list[int]:
-    """Dataset rows of optimizer step `step`: positions step*B .. step*B+B-1 of the endless stream of epochs,
-    each epoch a seeded permutation of range(n) (a batch may span two epochs). Pure in its arguments."""
-    rows = []
-    for position in range(step * batch_size, (step + 1) * batch_size):
-        epoch, index = divmod(position, n)
-        rows.append(int(_epoch_order(n, epoch, seed, shuffle)[index]))
-    return rows
-
-
-def rows_used(n: int, steps: int, batch_size: int, seed: int, shuffle: bool = True) -> torch.Tensor:
-    """The rows `batch_indices` draws in steps 0 .. steps-1, sorted: all n once the steps span an epoch."""
-    if steps * batch_size >= n:
-        return torch.arange(n)
-    return _epoch_order(n, 0, seed, shuffle)[: steps * batch_size].sort().values
 
 
 def sft_sides(step: int, size: int, seed: int, random_side: bool) -> torch.Tensor:
