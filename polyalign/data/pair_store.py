@@ -104,12 +104,13 @@ def write_store(
     a pair kept with the "untokenizable" flag and no tokens. `rescore(chunk)` may first re-rank pairs;
     `meta()`, called once the pairs are read, gives what meta.json holds besides the languages."""
     folder.mkdir(parents=True)
-    out: dict[str, list] = {name: [] for name in ARRAYS}
+    types = {"bounds": np.int64, "flags": np.uint8, "scores": np.float64, "language": np.int32}
+    arrays: dict[str, list] = {name: [] for name in ARRAYS}  # one numpy array per chunk
     languages, offset, pairs = {None: 0}, 0, iter(pairs)
     with open(folder / "tokens.bin", "wb") as f:
         while chunk := list(islice(pairs, chunk_size)):
             chunk, swapped = rescore(chunk) if rescore else (chunk, [False] * len(chunk))
-            ids = []
+            ids, out = [], {name: [] for name in ARRAYS}
             for pair, t, was_swapped in zip(chunk, tokenize(chunk), swapped):
                 if isinstance(t, ValueError) and on_error != "skip":
                     raise DataError(
@@ -131,9 +132,10 @@ def write_store(
                 out["language"].append(languages.setdefault(pair.language, len(languages)))
                 out["prompt_key"].append(prompt_key(pair.prompt))
             f.write(np.asarray(ids, dtype=np.int32).tobytes())
-    types = {"bounds": np.int64, "flags": np.uint8, "scores": np.float64, "language": np.int32}
+            for name in ARRAYS:
+                arrays[name].append(np.asarray(out[name], dtype=types.get(name, np.uint64)))
     for name in ARRAYS:
-        np.save(folder / f"{name}.npy", np.asarray(out[name], dtype=types.get(name, np.uint64)))
+        np.save(folder / f"{name}.npy", np.concatenate(arrays[name]) if arrays[name] else np.zeros(0))
     atomic_write_json(folder / "meta.json", {**meta(), "languages": list(languages)})
 
 
