@@ -62,6 +62,9 @@ class OfflineDataConfig:
     """None = the tokenizer's chat template for message-list prompts only; True/False to force."""
     shuffle: bool = True
     """Reshuffle the training pairs every epoch (seeded by train.seed and the epoch)."""
+    cache_dir: str | None = "~/.cache/polyalign/data"
+    """Tokens of data files of 1 MB or more, and their reference log-probs, are cached here for the next run
+    (keyed by file path, size and mtime, tokenizer, settings; safe to delete); null = no cache."""
 
 
 @dataclass(frozen=True)

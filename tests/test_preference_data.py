@@ -14,8 +14,8 @@ from polyalign.data.preference import (
     Columns,
     ScoredCompletion,
     detect_format,
+    iter_preferences,
     load_preferences,
-    load_preferences_with_report,
     load_scored,
     pairs_from_scored,
 )
@@ -99,7 +99,8 @@ def test_hh_prefix_split_by_hand():
 
 @pytest.mark.parametrize("language", ["en", "zh"])
 def test_shipped_sharegpt_demo(language):
-    pairs, report = load_preferences_with_report(f"builtin:dpo-demo-{language}")
+    report, pairs = iter_preferences(f"builtin:dpo-demo-{language}")
+    pairs = list(pairs)
     raw = json.loads((DEMO / f"dpo_{language}_demo.json").read_text(encoding="utf-8"))
     assert len(pairs) == len(raw) == 300 and report.fmt == "sharegpt" and report.skipped == {}
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -367,7 +368,9 @@ def test_skip_policy_counts_reasons(tmp_path):
     path = write_lines(tmp_path / "mixed.jsonl", rows)
     with pytest.raises(DataError, match="line 2"):
         load_preferences(path)
-    pairs, report = load_preferences_with_report(path, on_error="skip")
+    report, pairs = iter_preferences(path, on_error="skip")
+    assert report.rows == 0, "the report fills in as the rows are read"
+    pairs = list(pairs)
     assert [p.prompt for p in pairs] == ["p", "q", "r"]
     assert [p.row for p in pairs] == [0, 5, 6]  # record index among the parsed records
     assert report.skipped == {

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,15 +120,36 @@ def read_table(
     on_error: str = "error",
     key: str | None = None,
 ) -> Records:
-    """Read records with their locations.
+    """All records with their locations; see `iter_table` for the args."""
+    skipped, bad, rows, locations = [], [], [], []
+    for row, location in iter_table(
+        path_or_id, split, fmt, on_error=on_error, key=key, skipped=skipped, bad=bad
+    ):
+        rows.append(row)
+        locations.append(location)
+    return Records(str(path_or_id), rows, locations, tuple(skipped), tuple(bad))
+
+
+def iter_table(
+    path_or_id: str | Path,
+    split: str = "train",
+    fmt: str | None = None,
+    *,
+    on_error: str = "error",
+    key: str | None = None,
+    skipped: list[int] | None = None,
+    bad: list[int] | None = None,
+) -> Iterator[tuple[dict, str]]:
+    """(record, location) pairs as they are read: JSONL is streamed line by line (a large file is never held
+    whole), the other formats are read whole first.
 
     Args:
         path_or_id: a `.jsonl`/`.ndjson`, `.json`, `.csv` or `.parquet` file; a folder (read with
             `datasets`: a `save_to_disk` folder or a dataset script/data folder); or a hub id.
         split: the split of a Hugging Face dataset, or of a JSON file holding {split: [records]}.
         fmt: one of FORMATS to override detection by suffix.
-        on_error: "error" raises on a malformed JSONL line; "skip" skips it and lists it in
-            `skipped_lines`.
+        on_error: "error" raises on a malformed JSONL line or one that is not UTF-8; "skip" leaves it out
+            and appends its number to `skipped` (not UTF-8: to `bad`).
         key: for a JSON object file, the key holding the list of records.
     """
     if on_error not in ("error", "skip"):
@@ -137,21 +158,23 @@ def read_table(
     fmt = fmt or _detect_format(source)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} for {source}; expected one of {FORMATS}")
-    if fmt == "hf":
-        rows = _read_hf(source, split)
-        return Records(source, rows, [f"row {i}" for i in range(len(rows))])
-    if not Path(source).is_file():
+    if fmt != "hf" and not Path(source).is_file():
         raise FileNotFoundError(f"no such file: {source}")
-    if fmt == "parquet":
-        rows = _read_parquet(Path(source))
-        return Records(source, rows, [f"row {i}" for i in range(len(rows))])
-    lines, bad = _text_lines(Path(source), on_error)
+    if fmt in ("jsonl", "csv", "json"):
+        lines = _text_lines(Path(source), on_error, [] if bad is None else bad)
     if fmt == "jsonl":
-        return _read_jsonl(Path(source), lines, bad, on_error)
-    if fmt == "csv":
-        return _read_csv(Path(source), lines, bad)
-    rows = _read_json(Path(source), "".join(text for _, text in lines), split, key)
-    return Records(source, rows, [f"row {i}" for i in range(len(rows))], encoding_errors=bad)
+        yield from _read_jsonl(Path(source), lines, on_error, [] if skipped is None else skipped)
+    elif fmt == "csv":
+        yield from _read_csv(Path(source), list(lines))
+    else:
+        rows = (
+            _read_hf(source, split)
+            if fmt == "hf"
+            else _read_parquet(Path(source))
+            if fmt == "parquet"
+            else _read_json(Path(source), "".join(text for _, text in lines), split, key)
+        )
+        yield from ((row, f"row {i}") for i, row in enumerate(rows))
 
 
 def _detect_format(source: str) -> str:
@@ -190,10 +213,10 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def _text_lines(path: Path, on_error: str) -> tuple[list[tuple[int, str]], tuple[int, ...]]:
-    """(1-based line number, decoded line) for every line of a text file; lines that are not UTF-8 raise
-    a "bad_encoding" DataError naming the line, or are left out (and listed) under on_error="skip"."""
-    lines, bad = [], []
+def _text_lines(path: Path, on_error: str, bad: list[int]) -> Iterator[tuple[int, str]]:
+    """(1-based line number, decoded line) for every line of a text file, as read; lines that are not UTF-8
+    raise a "bad_encoding" DataError naming the line, or are left out (appended to `bad`) under
+    on_error="skip"."""
     try:
         with open_binary(path) as f:
             for number, raw in enumerate(io.BufferedReader(f) if path.suffix == ".zst" else f, start=1):
@@ -208,14 +231,12 @@ def _text_lines(path: Path, on_error: str) -> tuple[list[tuple[int, str]], tuple
                         f"{exc.start + 1}); re-encode the file as UTF-8, or set data.on_error=skip",
                         "bad_encoding",
                     ) from None
-                lines.append((number, text))
+                yield number, text
     except (OSError, EOFError) as exc:  # a truncated or corrupt .gz/.bz2/.zst
         raise DataError(f"{path}: cannot be read: {exc}", "corrupt_file") from None
-    return lines, tuple(bad)
 
 
-def _read_jsonl(path: Path, lines: list[tuple[int, str]], bad: tuple[int, ...], on_error: str) -> Records:
-    rows, locations, skipped = [], [], []
+def _read_jsonl(path: Path, lines: Iterable, on_error: str, skipped: list[int]) -> Iterator[tuple[dict, str]]:
     for number, line in lines:
         if not line.strip():
             continue
@@ -230,9 +251,7 @@ def _read_jsonl(path: Path, lines: list[tuple[int, str]], bad: tuple[int, ...], 
             raise DataError(
                 f"{path}: line {number}: malformed JSON record: {exc}", "malformed_json"
             ) from None
-        rows.append(row)
-        locations.append(f"line {number}")
-    return Records(str(path), rows, locations, tuple(skipped), bad)
+        yield row, f"line {number}"
 
 
 def _read_json(path: Path, text: str, split: str, key: str | None) -> list[dict]:
@@ -265,8 +284,7 @@ def _list_in_object(path: Path, data: dict, split: str, key: str | None) -> list
     return data[chosen]
 
 
-def _read_csv(path: Path, lines: list[tuple[int, str]], bad: tuple[int, ...]) -> Records:
-    rows, locations = [], []
+def _read_csv(path: Path, lines: list[tuple[int, str]]) -> Iterator[tuple[dict, str]]:
     numbers = [number for number, _ in lines]  # file line of each line read (non-UTF-8 lines left out)
 
     def file_line(k: int) -> int:  # the k-th line read (0-based) as a line of the file
@@ -281,10 +299,8 @@ def _read_csv(path: Path, lines: list[tuple[int, str]], bad: tuple[int, ...]) ->
                 f"({reader.fieldnames}), got a different number",
                 "malformed_csv",
             )
-        rows.append(row)
-        locations.append(f"line {start}")
+        yield row, f"line {start}"
         start = file_line(reader.line_num)
-    return Records(str(path), rows, locations, encoding_errors=bad)
 
 
 def _read_parquet(path: Path) -> list[dict]:

@@ -23,14 +23,16 @@ are skipped and counted per reason in a `LoadReport`. Over-long rows are handled
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polyalign.data.io import DataError, field_error, get_field, number_field, read_table, text_field
+from polyalign.data.io import DataError, field_error, get_field, iter_table, number_field, text_field
 from polyalign.data.messages import (
     common_prefix_length,
     normalize_messages,
@@ -87,16 +89,16 @@ class Columns:
     language: str = "language"
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoadReport:
-    """What a load read, kept and skipped."""
+    """What a load read, kept and skipped; filled in as the rows of `iter_preferences` are read."""
 
     source: str
     fmt: str
-    rows: int  # records read (valid JSON), before validation
-    loaded: int  # rows that passed validation
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (malformed lines included)
-    examples: tuple[str, ...] = ()  # the first few skip messages
+    rows: int = 0  # records read (valid JSON), before validation
+    loaded: int = 0  # rows that passed validation
+    skipped: Counter = field(default_factory=Counter)  # reason -> count (malformed lines included)
+    examples: list[str] = field(default_factory=list)  # the first few skip messages
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
@@ -114,34 +116,8 @@ def load_preferences(
     seed: int = 0,
     on_error: str = "error",
 ) -> list[PreferencePair]:
-    """Preference pairs from a file, hub id or built-in name; see `load_preferences_with_report`. Warns
-    with the report's summary when rows were skipped."""
-    pairs, report = load_preferences_with_report(
-        path_or_id,
-        fmt,
-        columns=columns,
-        language=language,
-        split=split,
-        strategy=strategy,
-        seed=seed,
-        on_error=on_error,
-    )
-    _warn_skipped(report)
-    return pairs
-
-
-def load_preferences_with_report(
-    path_or_id: str | Path,
-    fmt: str = "auto",
-    *,
-    columns: Columns = Columns(),
-    language: str | None = None,
-    split: str = "train",
-    strategy: str = "best_worst",
-    seed: int = 0,
-    on_error: str = "error",
-) -> tuple[list[PreferencePair], LoadReport]:
-    """Load and validate preference pairs.
+    """Load and validate preference pairs from a file, hub id or built-in name; warns with the load report's
+    summary when rows were skipped (`iter_preferences` gives the report).
 
     Args:
         fmt: "auto" (detected from the first record) or one of FORMATS; "scored" rows are paired by
@@ -149,35 +125,20 @@ def load_preferences_with_report(
         language: the language of rows without a `language` value (built-in sets set their own).
         on_error: "error" raises on the first bad row; "skip" skips bad rows and counts them per reason.
     """
-    items, report = _load(path_or_id, fmt, columns, language, split, on_error)
-    return (pairs_from_scored(items, strategy, seed) if report.fmt == "scored" else items), report
+    report, items = iter_preferences(path_or_id, fmt, columns, language, split, on_error)
+    items = list(items)
+    _warn_skipped(report)
+    return pairs_from_scored(items, strategy, seed) if report.fmt == "scored" else items
 
 
 def load_scored(
-    path_or_id: str | Path,
-    *,
-    columns: Columns = Columns(),
-    language: str | None = None,
-    split: str = "train",
-    on_error: str = "error",
+    path_or_id: str | Path, *, columns: Columns = Columns(), language=None, split="train", on_error="error"
 ) -> list[ScoredCompletion]:
-    """Scored completions {prompt, completion, reward}; see `load_preferences_with_report` for the args."""
-    scored, report = load_scored_with_report(
-        path_or_id, columns=columns, language=language, split=split, on_error=on_error
-    )
+    """Scored completions {prompt, completion, reward}, unpaired; the args as for `load_preferences`."""
+    report, items = iter_preferences(path_or_id, "scored", columns, language, split, on_error)
+    items = list(items)
     _warn_skipped(report)
-    return scored
-
-
-def load_scored_with_report(
-    path_or_id: str | Path,
-    *,
-    columns: Columns = Columns(),
-    language: str | None = None,
-    split: str = "train",
-    on_error: str = "error",
-) -> tuple[list[ScoredCompletion], LoadReport]:
-    return _load(path_or_id, "scored", columns, language, split, on_error)
+    return items
 
 
 def _warn_skipped(report: LoadReport) -> None:
@@ -195,34 +156,48 @@ def _resolve(path_or_id: str | Path, fmt: str, language: str | None) -> tuple[st
     return path, builtin_fmt if fmt == "auto" else fmt, language or builtin_language
 
 
-def _load(path_or_id, fmt, columns, language, split, on_error) -> tuple[list, LoadReport]:
-    """Read, detect the format, parse and validate every row; skipped rows are counted per reason."""
+def iter_preferences(
+    path_or_id: str | Path,
+    fmt: str = "auto",
+    columns: Columns = Columns(),
+    language: str | None = None,
+    split: str = "train",
+    on_error: str = "error",
+) -> tuple[LoadReport, Iterator[PreferencePair | ScoredCompletion]]:
+    """(report, records): the format is detected from the first record now; the records are read, parsed and
+    validated as they are consumed (a JSONL file is streamed), and the report counts them as they go."""
     path, fmt, language = _resolve(path_or_id, fmt, language)
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown preference format {fmt!r}; expected 'auto' or one of {FORMATS}")
-    table = read_table(path, split, on_error=on_error)
-    if not table.rows:
-        raise DataError(f"{table.source}: no records")
-    fmt = detect_format(table.rows[0], columns, table.source) if fmt == "auto" else fmt
-    parse, make = _PARSERS[fmt]
-    items, skipped, examples = (
-        [],
-        Counter({"malformed_json": len(table.skipped_lines), "bad_encoding": len(table.encoding_errors)}),
-        [],
-    )
-    for index, (row, location) in enumerate(zip(table.rows, table.locations)):
-        where = f"{table.source}: {location}"
-        try:
-            fields = parse(row, where, columns)
-            lang = _language(row, where, columns.language) or language
-            items.append(make(**fields, language=lang, source=table.source, row=index))
-        except DataError as exc:
-            if on_error != "skip":
-                raise
-            skipped[exc.reason] += 1
-            examples.append(str(exc))
-    report = LoadReport(table.source, fmt, len(table.rows), len(items), dict(+skipped), tuple(examples[:5]))
-    return items, report
+    malformed, bad = [], []
+    rows = iter_table(path, split, on_error=on_error, skipped=malformed, bad=bad)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"{path}: no records")
+    fmt = detect_format(first[0], columns, str(path)) if fmt == "auto" else fmt
+    report = LoadReport(str(path), fmt)
+
+    def parse_all() -> Iterator[PreferencePair | ScoredCompletion]:
+        parse, make = _PARSERS[fmt]
+        for index, (row, location) in enumerate(itertools.chain([first], rows)):
+            where = f"{report.source}: {location}"
+            report.rows += 1
+            try:
+                fields = parse(row, where, columns)
+                lang = _language(row, where, columns.language) or language
+                item = make(**fields, language=lang, source=report.source, row=index)
+            except DataError as exc:
+                if on_error != "skip":
+                    raise
+                report.skipped[exc.reason] += 1
+                report.examples += [str(exc)][: 5 - len(report.examples)]
+                continue
+            report.loaded += 1
+            yield item
+        report.skipped.update(malformed_json=len(malformed), bad_encoding=len(bad))
+        report.skipped = +report.skipped
+
+    return report, parse_all()
 
 
 def detect_format(row: dict, columns: Columns = Columns(), source: str = "data") -> str:

@@ -1,7 +1,8 @@
 """Prompt sets for online RL: the built-in story openings and user prompt files.
 
 `load_prompts(spec)` returns `PromptSet(prompts, columns)`; `prompt_batch(...)` picks a step's prompts
-deterministically from (seed, step), so a resumed run sees exactly the prompts it would have seen.
+deterministically from (seed, step), so a resumed run sees exactly the prompts it would have seen: the rows
+of `batch_indices`, which also orders the offline trainer's pairs.
 
 Built-in sets (TinyStories-style openings for the shipped stories260K model, made from templates here):
 - `builtin:stories`: 240 training openings;  `builtin:stories-eval`: 48 held-out openings whose names and
@@ -13,6 +14,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -100,16 +102,31 @@ def check_prompt_lengths(prompt_set: PromptSet, tokenizer, max_tokens: int) -> N
 
 
 def prompt_batch(prompt_set: PromptSet, step: int, batch_size: int, seed: int) -> tuple[list[str], dict]:
-    """The prompts of optimisation step `step`: epochs of seeded permutations, a pure function of its inputs."""
-    n = len(prompt_set)
-    start = step * batch_size
-    rows, perms = [], {}
-    for pos in range(start, start + batch_size):
-        epoch, offset = divmod(pos, n)
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(
-                n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            )
-        rows.append(int(perms[epoch][offset]))
+    """The prompts of optimisation step `step` (`batch_indices`), a pure function of its inputs."""
+    rows = batch_indices(len(prompt_set), step, batch_size, seed)
     columns = {k: [v[r] for r in rows] for k, v in prompt_set.columns.items()}
     return [prompt_set.prompts[r] for r in rows], columns
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))  # (n,)
+
+
+def batch_indices(n: int, step: int, batch_size: int, seed: int, shuffle: bool = True) -> list[int]:
+    """Dataset rows of optimizer step `step`: positions step*B .. step*B+B-1 of the endless stream of epochs,
+    each epoch a seeded permutation of range(n) (a batch may span two epochs). Pure in its arguments."""
+    rows = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, index = divmod(position, n)
+        rows.append(int(_epoch_order(n, epoch, seed, shuffle)[index]))
+    return rows
+
+
+def rows_used(n: int, steps: int, batch_size: int, seed: int, shuffle: bool = True) -> torch.Tensor:
+    """The rows `batch_indices` draws in steps 0 .. steps-1, sorted: all n once the steps span an epoch."""
+    if steps * batch_size >= n:
+        return torch.arange(n)
+    return _epoch_order(n, 0, seed, shuffle)[: steps * batch_size].sort().values

@@ -6,16 +6,22 @@ the tokenized pair sets, optimizer and logging; and the closing summary (exporte
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
+import os
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from polyalign.config import ConfigError
 from polyalign.config_offline import OfflineRunConfig
 from polyalign.data.chat import collate_pairs
-from polyalign.files import atomic_write_text
+from polyalign.files import atomic_write_text, fsync_file
 from polyalign.logprobs import reference_sequence_logprobs
 from polyalign.models import load_policy, load_score_model, load_tokenizer, resolve_model_path
 from polyalign.train import distributed, loop
@@ -23,8 +29,7 @@ from polyalign.train.checkpoint import best_checkpoint, load_checkpoint
 from polyalign.train.distributed import World
 from polyalign.train.distributed_checkpoint import full_model_state
 from polyalign.train.logging import MetricsLogger, Progress, print0
-from polyalign.train.offline_data import PairSet, build_pair_sets
-from polyalign.train.optim import micro_batches
+from polyalign.train.offline_data import PairSet, build_pair_sets, rows_used
 from polyalign.train.run import build_reference
 
 # Losses whose pairs are compared against a reference policy.
@@ -100,28 +105,88 @@ def _with_lora(cfg: OfflineRunConfig, model: torch.nn.Module) -> torch.nn.Module
 
 
 def setup_reference(cfg: OfflineRunConfig, model, train_set: PairSet, eval_set: PairSet | None, pad_id: int):
-    """Cache the reference log-probs of every pair (returns None) or return a frozen reference model. The
-    reference is model.reference, else the starting policy (which, when caching, is the policy itself)."""
+    """Cache the reference log-probs of the pairs the run will read (returns None) or return a frozen reference
+    model. The reference is model.reference, else the starting policy (which, when caching, is the policy)."""
     if not cfg.reference.precompute:
         return build_reference(cfg, model)
     ref = build_reference(cfg, model) if cfg.model.reference else model  # read before any update
-    precompute_reference(ref, train_set, pad_id, cfg.reference.batch_size, cfg.model.device)
+    t, n = cfg.train, len(train_set)
+    rows = rows_used(n, total_steps(cfg, n), t.batch_size, t.seed, cfg.data.shuffle)
+    precompute_reference(ref, train_set, pad_id, cfg.reference.batch_size, cfg.model.device, rows, "train")
     if eval_set is not None:
-        precompute_reference(ref, eval_set, pad_id, cfg.eval.batch_size, cfg.model.device)
+        rows = torch.arange(min(len(eval_set), cfg.eval.max_pairs or len(eval_set)))  # what evaluate reads
+        precompute_reference(ref, eval_set, pad_id, cfg.eval.batch_size, cfg.model.device, rows, "eval")
     return None  # a separately loaded reference goes out of scope here and is freed
 
 
 def precompute_reference(
-    ref: torch.nn.Module, data: PairSet, pad_id: int, batch_size: int, device: str
+    ref: torch.nn.Module,
+    data: PairSet,
+    pad_id: int,
+    batch_size: int,
+    device: str,
+    rows: torch.Tensor | None = None,
+    name: str = "data",
 ) -> None:
-    """Fill data.ref_chosen / data.ref_rejected (N,) with the reference log-probs of every pair, batching
-    consecutive rows (evaluation batches the same way, so at step 0 the policy's margins are exactly 0)."""
-    chosen, rejected = [], []
-    for part in micro_batches(len(data), batch_size):
-        c, r = reference_sequence_logprobs(ref, collate_pairs(data.pairs[part], pad_id).to(device))
-        chosen.append(c.float().cpu())
-        rejected.append(r.float().cpu())
-    data.ref_chosen, data.ref_rejected = torch.cat(chosen), torch.cat(rejected)
+    """Fill data.ref_chosen / data.ref_rejected (N,) with the reference log-probs of `rows` (default all; the
+    others stay NaN), in batches of consecutive needed rows: with every row needed, the batches evaluation uses,
+    so that at step 0 the policy's margins are exactly 0. With a tokens cache (data.cache) the values go to a
+    file beside it, keyed by the reference's weights, flushed every few seconds: an interrupted or repeated
+    precompute computes only the rows it lacks. Progress lines (done/total, rate) every 5 s."""
+    values = _reference_cache(ref, data, batch_size)  # (N, 2) float32: chosen, rejected; NaN = not computed
+    rows = np.arange(len(data)) if rows is None else np.asarray(rows)
+    todo = rows[np.isnan(values[rows]).any(axis=1)]
+    start = last = time.perf_counter()
+    for done in range(0, len(todo), batch_size):
+        part = todo[done : done + batch_size]
+        batch = collate_pairs([data.pairs[int(i)] for i in part], pad_id).to(device)
+        chosen, rejected = reference_sequence_logprobs(ref, batch)
+        values[part] = torch.stack([chosen, rejected], 1).float().cpu().numpy()
+        now = time.perf_counter()
+        if now - last > 5 or (done + batch_size >= len(todo) and last > start):
+            if isinstance(values, np.memmap):
+                values.flush()
+            count = min(done + batch_size, len(todo))
+            print0(
+                f"reference log-probs ({name}): {count}/{len(todo)} pairs, {count / (now - start):.0f} pairs/s"
+            )
+            last = now
+    if isinstance(values, np.memmap):
+        values.flush()
+    data.ref_chosen, data.ref_rejected = (torch.from_numpy(np.array(values[:, k])) for k in (0, 1))  # (N,)
+
+
+def _reference_cache(ref: torch.nn.Module, data: PairSet, batch_size: int) -> np.ndarray:
+    """(N, 2) float32 NaN-initialised: in memory, or memory-mapped from the set's cache file for this
+    reference (weights fingerprint), batch size and set of rows (created atomically, NaN-filled)."""
+    if data.cache is None:
+        return np.full((len(data), 2), np.nan, dtype=np.float32)
+    digest = hashlib.sha256()
+    for part in (
+        weights_fingerprint(ref),
+        batch_size,
+        next(ref.parameters()).dtype,
+        data.pairs.rows.tobytes(),
+    ):
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+    path = data.cache / f"ref-{digest.hexdigest()[:24]}.npy"
+    if not path.is_file():
+        tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+        np.lib.format.open_memmap(tmp, "w+", np.float32, (len(data), 2))[:] = np.nan
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    return np.lib.format.open_memmap(path, "r+")
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter's and buffer's name, shape, dtype and up to ~4096 evenly spaced values: any
+    trained or perturbed checkpoint changes it, and it costs little even for a large model on a GPU."""
+    digest = hashlib.sha256()
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
 
 
 def setup_offline_run(cfg: OfflineRunConfig, resume: bool = False, overwrite: bool = False) -> OfflineRun:
