@@ -340,6 +340,16 @@ def _coerce(tp: typing.Any, value: typing.Any, where: str) -> typing.Any:
     )
 
 
+def split_overrides(extra: list[str]) -> list[str]:
+    """The command line's `--section.key=value` overrides; anything else ends the command with one line."""
+    bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
+    if bad:
+        raise SystemExit(
+            f"polyalign: unrecognised arguments {bad}; config overrides look like --train.lr=1e-6"
+        )
+    return extra
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b=c` / `--a.b=c` overrides (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:

@@ -180,7 +180,7 @@ def stage_probe(args) -> dict:
     engines = {"hf": HFEngine(policy, tokenizer)}
     result: dict = {"model": args.model, "dtype": args.dtype, "parameters": params, "prompts": len(prompts)}
     if not args.cpu:
-        from polyalign.rollout.vllm import VLLMEngine
+        from polyalign.recipes.vllm.engine import VLLMEngine
 
         start = time.perf_counter()
         engines["vllm"] = VLLMEngine(

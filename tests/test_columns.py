@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from polyalign.data.columns import map_columns, parse_labels, wide_to_long
 from polyalign.data.io import DataError, read_table
+from polyalign.recipes.columns import map_columns, parse_labels, wide_to_long
 
 MULTIJAIL = (
     "id,source,tags,en,zh,it,vi\n"

@@ -243,5 +243,7 @@ def test_build_engine_and_protocol(stories, tiny_llama):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 def test_vllm_missing_names_the_extra(stories):
+    import polyalign.recipes.vllm  # noqa: F401  (the plugin registers rollout.engine: vllm)
+
     with pytest.raises(ImportError, match=r"polyalign\[vllm\]"):
         build_engine("vllm", *stories)

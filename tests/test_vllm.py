@@ -18,17 +18,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import polyalign.recipes.vllm  # noqa: F401  (registers the engine)
 from polyalign.logprobs import completion_logprobs
-from polyalign.rollout import build_engine
-from polyalign.rollout.mismatch import logprob_mismatch
-from polyalign.rollout.vllm import policy_weights
-from polyalign.rollout.vllm_io import (
+from polyalign.recipes.vllm.engine import policy_weights
+from polyalign.recipes.vllm.requests import (
     collect_outputs,
     request_options,
     row_seeds,
     stop_length,
     vllm_logprobs_exact,
 )
+from polyalign.rollout import build_engine
+from polyalign.rollout.mismatch import logprob_mismatch
 from polyalign.types import Sampling
 
 # ---------------------------------------------------------------- CPU: the mismatch metric
@@ -323,7 +324,7 @@ def test_model_folder_holds_what_vllm_reads(tiny_llama, stories, tmp_path):
     generation_config.json and the tokenizer; the weights come later, pushed."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from polyalign.rollout.vllm import _write_model_folder
+    from polyalign.recipes.vllm.engine import _write_model_folder
 
     assert not tiny_llama.config.architectures
     _write_model_folder(tiny_llama, stories[1], str(tmp_path))

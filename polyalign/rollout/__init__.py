@@ -1,7 +1,9 @@
 """Rollout engines: turn prompts into sampled completions (a `Rollout`).
 
 An engine knows token ids and sampling, never rewards or losses. Backends are looked up by name in
-`ENGINES` and imported only when built, so `vllm` is needed only by those who ask for it.
+`ENGINES` and imported only when built. Optional backends register themselves (`register_engine`): the vLLM
+engine (GPU, extra `polyalign[vllm]`) lives in `polyalign.recipes.vllm`, which `polyalign train` imports when
+`rollout.engine: vllm`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from polyalign.types import Rollout, Sampling
 
-ENGINES: dict[str, str] = {
-    "hf": "polyalign.rollout.hf:HFEngine",
-    "vllm": "polyalign.rollout.vllm:VLLMEngine",
-}
+ENGINES: dict[str, str] = {"hf": "polyalign.rollout.hf:HFEngine"}  # name -> "module:Class"
+
+
+def register_engine(name: str, target: str) -> None:
+    """Make `rollout.engine: NAME` build `target` ("module:Class", imported when built)."""
+    ENGINES[name] = target
 
 
 @runtime_checkable
@@ -40,6 +44,7 @@ def build_engine(name: str, model: Any, tokenizer: Any, **options: Any) -> Engin
     backend's third-party package is imported by its constructor, which names the extra that provides it.
     """
     if name not in ENGINES:
-        raise ValueError(f"unknown rollout engine {name!r}; choose one of {sorted(ENGINES)}")
+        hint = " (import polyalign.recipes.vllm first; polyalign train does)" if name == "vllm" else ""
+        raise ValueError(f"unknown rollout engine {name!r}{hint}; registered: {sorted(ENGINES)}")
     module_name, class_name = ENGINES[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)(model, tokenizer, **options)

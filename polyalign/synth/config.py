@@ -27,7 +27,7 @@ class SourceConfig:
     language, optional id, harm_category (a label or a list literal), global_or_local); wide layout = one
     column per language (MultiJail: id, source, tags, en, zh, ...)."""
     layout: str = "long"
-    """long (one prompt per row) | wide (one column per language; see polyalign/data/columns.py)."""
+    """long (one prompt per row) | wide (one column per language; see polyalign/recipes/columns.py)."""
     columns: dict[str, str] = field(default_factory=dict)
     """{field: column in the file}, e.g. {prompt: text, harm_category: category} (long) or {id: row_id,
     tags: labels} (wide); unnamed fields keep their usual column names."""

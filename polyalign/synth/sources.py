@@ -4,7 +4,7 @@
   English name; rows without one get the config's default language), optional `id`, `harm_category` (one label
   or a list literal such as "['Violence', 'Hate Speech']") and `global_or_local` ("global" | "local");
 - wide (the MultiJail layout, `id,source,tags,en,zh,it,vi,...`): one column per language, turned into one record
-  per (row, language) by `polyalign.data.columns.wide_to_long`; `tags` holds the categories.
+  per (row, language) by `polyalign.recipes.columns.wide_to_long`; `tags` holds the categories.
 
 `columns: {field: column}` renames columns first (`map_columns`), so files with other column names work as they
 are. Every record keeps the file's id as `source_id` (long: the id itself is the record id; wide: the record id
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from polyalign.data.columns import map_columns, parse_labels, wide_to_long
 from polyalign.data.io import DataError, field_error, get_field, read_table, text_field
 from polyalign.data.languages import normalise_language
+from polyalign.recipes.columns import map_columns, parse_labels, wide_to_long
 from polyalign.synth.stages import source_record
 from polyalign.synth.store import SEP, check_unique_ids, make_id
 

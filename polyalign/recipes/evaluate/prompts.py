@@ -11,7 +11,7 @@
   integer, for exact match). Every bad row is an error naming the file, the line or row, and the field.
 - A file with one column per language (`layout: wide`, MultiJail's `id,source,tags,en,zh,it,vi,...`): one
   prompt per non-empty cell (empty cells are skipped and counted), `tags` (a list literal) giving the
-  categories (`polyalign.data.columns.wide_to_long`).
+  categories (`polyalign.recipes.columns.wide_to_long`).
 Columns named otherwise are renamed with `columns: {field: column in the file}` (`map_columns`), e.g.
 `{prompt: question}` or, for a wide file, `{id: uid, tags: labels}`.
 
@@ -26,9 +26,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from polyalign.data.columns import map_columns, parse_labels, wide_to_long
 from polyalign.data.io import DataError, field_error, get_field, read_table, text_field
 from polyalign.data.languages import normalise_language
+from polyalign.recipes.columns import map_columns, parse_labels, wide_to_long
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 XSAFETY_CATEGORIES = (

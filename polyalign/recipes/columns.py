@@ -1,4 +1,5 @@
-"""Prompt and data files as their authors publish them: renamed columns and one column per language.
+"""Prompt files as their authors publish them (for `polyalign eval`, synth and experiments; ring): renamed
+columns and one column per language.
 
 - `map_columns(rows, mapping)`: `{expected_field: column_in_file}` renames columns (`data.columns`,
   `prompts.columns`), e.g. `{prompt: question, category: harm_category}`. A mapped column missing from the

@@ -1,6 +1,6 @@
 """vLLM requests and outputs <-> polyalign's rollout tensors: pure functions that never import vllm.
 
-`VLLMEngine` (rollout/vllm.py) builds one request per row with `row_seeds` and `request_options`, and turns
+`VLLMEngine` (recipes/vllm/engine.py) builds one request per row with `row_seeds` and `request_options`, and turns
 vLLM's RequestOutputs back into HFEngine's layout with `collect_outputs`. Kept apart so that they are tested
 on any machine, with plain objects standing in for vLLM's outputs.
 

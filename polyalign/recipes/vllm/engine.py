@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from polyalign.logprobs import completion_logprobs, unwrap_peft
+from polyalign.recipes.vllm.requests import collect_outputs, request_options, row_seeds, vllm_logprobs_exact
 from polyalign.rollout.hf import HFEngine, _check_sampling
-from polyalign.rollout.vllm_io import collect_outputs, request_options, row_seeds, vllm_logprobs_exact
 from polyalign.types import Rollout, Sampling
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
