@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from polyalign.config import ConfigError
+from polyalign.config import ConfigError, check
 from polyalign.data.languages import normalise_language
 
 JUDGE_KINDS = ("lexicon", "openai", "hf", "reward_model")
@@ -35,6 +35,16 @@ class EndpointConfig:
     """This many requests in a row failing for good (after retries) stop the run; one is an "error" verdict."""
     cache: str | None = None
     """Request cache file; a relative path is under the run's out_dir; None = no cache."""
+
+    def __post_init__(self) -> None:  # at load, not when the first request is sent
+        check(
+            self.max_workers >= 1 and self.max_consecutive_failures >= 1 and self.max_retries >= 0,
+            f"{type(self).__name__}: max_workers and max_consecutive_failures must be >= 1, max_retries >= 0",
+        )
+        check(
+            self.timeout_s > 0 and self.backoff_s >= 0,
+            f"{type(self).__name__}: timeout_s > 0, backoff_s >= 0",
+        )
 
 
 @dataclass(frozen=True)
