@@ -14,6 +14,7 @@ state (JSON-friendly, saved in checkpoints), start_step, total_steps, has_eval, 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import shutil
 from collections.abc import Callable
@@ -250,6 +251,13 @@ def finish(run, trainer: Trainer) -> dict:
     if run.world.is_main:
         atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
         print0(f"run finished: {run.run_dir}")
+    if run.world.distributed:
+        # Free the DDP/FSDP wrappers while the process group lives: a DDP reducer freed after
+        # destroy_process_group runs gloo's destructor, which can wait forever on a peer that has left.
+        for name in ("policy_train", "value_train", "train_model", "ref"):
+            if hasattr(run, name):
+                setattr(run, name, None)
+        gc.collect()
     distributed.close_world(run.world)
     return summary
 
