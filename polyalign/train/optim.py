@@ -109,9 +109,20 @@ class NonFiniteError(FloatingPointError):
     """Training produced non-finite weights, or too many non-finite steps in a row: the run stops."""
 
 
-def _total_norm(tensors: list[torch.Tensor], norm_type: float) -> float:
-    norm = torch.nn.utils.get_total_norm(tensors, norm_type)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+def _weights_finite(params: list[nn.Parameter]) -> bool:
+    """Every weight finite, on every process: FSDP shards (DTensors, some empty) are checked where they
+    live, next to plain tensors, and the processes agree, so that all raise together or none does."""
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
+    # Skip empty shards and FSDP's unsharded views whose storage is freed between gathers (reading them
+    # would touch freed memory); the sharded copy of those weights is checked as a DTensor.
+    local = [t for t in local if t.numel() and t.untyped_storage().nbytes() > 0]
+    if not local:
+        bad = torch.zeros(1, device=params[0].device if params else "cpu")
+    else:
+        bad = torch.stack([(~torch.isfinite(t)).any() for t in local]).any().float().reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad)
+    return float(bad) == 0
 
 
 def step_optimizer(
@@ -135,7 +146,7 @@ def step_optimizer(
     optimizer.zero_grad(set_to_none=True)
     for p in params:
         p.grad = None
-    if not skipped and not math.isfinite(_total_norm([p.detach() for p in params], float("inf"))):
+    if not skipped and not _weights_finite(params):
         raise NonFiniteError(
             f"the update made weights non-finite (gradient norm {grad_norm:.3g}); nothing was saved from "
             "it: lower train.lr or raise the precision"
