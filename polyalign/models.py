@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from polyalign.files import atomic_write_json
+from polyalign.files import atomic_write_json, looks_local
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -39,15 +39,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are `name` or `owner/name`; anything with a path prefix or more slashes is a local path."""
-    return (
-        name.startswith(("./", "../", "/", "~", ".\\"))
-        or name.count("/") > 1
-        or (os.sep != "/" and os.sep in name)
-    )
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
@@ -70,7 +61,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         return expanded
-    if _looks_like_path(name) or os.path.exists(expanded):
+    if looks_local(name) or os.path.exists(expanded):
         raise FileNotFoundError(
             f"model path {name!r} does not exist or is not a folder; builtin names: {sorted(BUILTIN)}; "
             "anything else is treated as a Hugging Face hub id like 'owner/model'"

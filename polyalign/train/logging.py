@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,40 @@ class NullLogger:
 
 
 _LABELS = {"tokens_per_s": "tok/s", "s_per_step": "s/step"}
+
+
+class ProgressLine:
+    """Prints `<prefix>: <label> done/total (rate unit/s)` to stderr at most every `every_s` seconds while a
+    phase runs, and once when it ends; a phase shorter than `every_s` prints nothing (nor a process other
+    than rank 0). One helper for every long phase: reference precompute, eval generation and judging."""
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        unit: str,
+        every_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        prefix: str = "polyalign",
+    ) -> None:
+        self.label, self.total, self.unit, self.every_s, self.clock = label, total, unit, every_s, clock
+        self.prefix, self.enabled = prefix, is_main_process()
+        self.done, self.start = 0, clock()
+        self.last = self.start
+
+    def advance(self, n: int) -> bool:
+        """Count `n` more done; True when a period ended (a line was due), e.g. to flush a cache then."""
+        self.done += n
+        now = self.clock()
+        finished = self.done >= self.total and now - self.start >= self.every_s
+        if not (now - self.last >= self.every_s or finished):
+            return False
+        if self.enabled:
+            rate = self.done / max(now - self.start, 1e-9)
+            line = f"{self.prefix}: {self.label} {self.done}/{self.total} ({rate:.1f} {self.unit}/s)"
+            print(line, file=sys.stderr, flush=True)
+        self.last = now
+        return True
 
 
 class Progress:

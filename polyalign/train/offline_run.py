@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import json
 import os
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from polyalign.train import distributed, loop
 from polyalign.train.checkpoint import best_checkpoint, load_checkpoint
 from polyalign.train.distributed import World
 from polyalign.train.distributed_checkpoint import full_model_state
-from polyalign.train.logging import MetricsLogger, Progress, print0
+from polyalign.train.logging import MetricsLogger, Progress, ProgressLine, print0
 from polyalign.train.offline_data import PairSet, build_pair_sets, rows_used
 from polyalign.train.run import build_reference
 
@@ -136,21 +135,14 @@ def precompute_reference(
     values = _reference_cache(ref, data, batch_size)  # (N, 2) float32: chosen, rejected; NaN = not computed
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
     todo = rows[np.isnan(values[rows]).any(axis=1)]
-    start = last = time.perf_counter()
+    progress = ProgressLine(f"reference log-probs ({name})", len(todo), "pairs")
     for done in range(0, len(todo), batch_size):
         part = todo[done : done + batch_size]
         batch = collate_pairs([data.pairs[int(i)] for i in part], pad_id).to(device)
         chosen, rejected = reference_sequence_logprobs(ref, batch)
         values[part] = torch.stack([chosen, rejected], 1).float().cpu().numpy()
-        now = time.perf_counter()
-        if now - last > 5 or (done + batch_size >= len(todo) and last > start):
-            if isinstance(values, np.memmap):
-                values.flush()
-            count = min(done + batch_size, len(todo))
-            print0(
-                f"reference log-probs ({name}): {count}/{len(todo)} pairs, {count / (now - start):.0f} pairs/s"
-            )
-            last = now
+        if progress.advance(len(part)) and isinstance(values, np.memmap):
+            values.flush()  # every few seconds: what is computed survives a kill
     if isinstance(values, np.memmap):
         values.flush()
     data.ref_chosen, data.ref_rejected = (torch.from_numpy(np.array(values[:, k])) for k in (0, 1))  # (N,)

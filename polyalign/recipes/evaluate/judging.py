@@ -5,14 +5,12 @@
 - `judge_harm`, `judge_pairs`, `judge_exact`: one record per item, appended to judgements.jsonl after every
   chunk, so a stopped run keeps what it judged. A verdict the judge could not give (status "unparseable" or
   "error", see `polyalign.eval.judges`) is recorded with its reason and counted, never guessed;
-- `ProgressLine`: `done/total (rate/s)` lines for phases that take more than a few seconds.
+- `ProgressLine`: `polyalign eval: <phase> done/total (rate/s)` lines (train/logging.py's, with this prefix).
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from collections.abc import Callable
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,33 +20,9 @@ from polyalign.eval.backends import ChatClient
 from polyalign.eval.build import build_chat_client, build_judge
 from polyalign.eval.config import JudgeConfig
 from polyalign.recipes.evaluate.prompts import EvalPrompt, exact_match, extract_final_integer
+from polyalign.train.logging import ProgressLine as _ProgressLine
 
-
-class ProgressLine:
-    """Prints `polyalign eval: <label> done/total (rate unit/s)` to stderr at most every `every_s` seconds
-    while a phase runs, and once when it ends; a phase shorter than `every_s` prints nothing."""
-
-    def __init__(
-        self,
-        label: str,
-        total: int,
-        unit: str,
-        every_s: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.label, self.total, self.unit, self.every_s, self.clock = label, total, unit, every_s, clock
-        self.done, self.start = 0, clock()
-        self.last = self.start
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = self.clock()
-        finished = self.done >= self.total and now - self.start >= self.every_s
-        if now - self.last >= self.every_s or finished:
-            rate = self.done / max(now - self.start, 1e-9)
-            line = f"polyalign eval: {self.label} {self.done}/{self.total} ({rate:.1f} {self.unit}/s)"
-            print(line, file=sys.stderr, flush=True)
-            self.last = now
+ProgressLine = functools.partial(_ProgressLine, prefix="polyalign eval")
 
 
 @dataclass(frozen=True)
