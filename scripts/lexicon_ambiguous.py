@@ -1,4 +1,4 @@
-"""Dev script for the lexicon harm judge (polyalign/eval/lexicon.py): its ambiguous entries and its flag rates.
+"""Dev script for the lexicon harm judge (polyalign/recipes/evaluate/lexicon.py): its ambiguous entries and its flag rates.
 
     /tmp/vwf/bin/python scripts/lexicon_ambiguous.py generate   # needs wordfreq[cjk]; writes ambiguous.tsv
     python scripts/lexicon_ambiguous.py zipf vi                   # Zipf of one language's entries, high first
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("LEXICON_SRC", str(ROOT)))
 
 # Attributes are looked up at use so that `rates` also runs on a checkout older than them.
-from polyalign.eval import lexicon  # noqa: E402
+from polyalign.recipes.evaluate import lexicon  # noqa: E402
 
 THRESHOLD = 4.5
 # Which lists the threshold applies to: see PROVENANCE.md (profanity is frequent in wordfreq's sources).

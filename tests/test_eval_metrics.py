@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from polyalign.eval.metrics import (
+from polyalign.recipes.evaluate.metrics import (
     harm_rates_by,
     macro_mean,
     rate_estimate,

@@ -28,7 +28,7 @@ from polyalign.eval.judges import (
     parse_score,
     parse_yes_no,
 )
-from polyalign.eval.lexicon import LexiconHarmJudge
+from polyalign.recipes.evaluate.lexicon import LexiconHarmJudge
 
 
 class ScriptedBackend:

@@ -1,4 +1,4 @@
-"""The offline lexicon harm judge (polyalign/eval/lexicon.py): word matching, single CJK characters inside
+"""The offline lexicon harm judge (polyalign/recipes/evaluate/lexicon.py): word matching, single CJK characters inside
 words, everyday-word entries from the shipped ambiguous.tsv, the English list for languages without their own,
 and the false-positive rate on the benign MGSM problems (a regression guard; the table is in
 docs/evaluation.md, recomputed by scripts/lexicon_ambiguous.py table)."""
@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import pytest
 
-from polyalign.eval.lexicon import AMBIGUOUS_FILE, DEFAULT_ROOT, LexiconHarmJudge, load_ambiguous
+from polyalign.recipes.evaluate.lexicon import AMBIGUOUS_FILE, DEFAULT_ROOT, LexiconHarmJudge, load_ambiguous
 from polyalign.recipes.evaluate.prompts import load_mgsm
 
 

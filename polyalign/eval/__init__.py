@@ -1,5 +1,6 @@
-"""Evaluation in the core: judges (`judges.py`, the offline `lexicon.py`), their chat backends and robust client
-(`backends.py`), built from config (`config.py`, `build.py`), and metrics (`metrics.py`). The same judges
-serve eval, synth and judge-based rewards: one judge code path. The `polyalign eval` application (prompt
-sets, the run, its report) is in the ring, `polyalign.recipes.evaluate`. Never imports `polyalign.train`.
+"""Evaluation in the core: the judges (`judges.py`), their chat backends and robust client (`backends.py`) and
+their settings (`config.py`). The same judges serve eval, synth and judge-based rewards: one judge code path.
+The `polyalign eval` application is in the ring, `polyalign.recipes.evaluate`: prompt sets, the run, building
+clients and judges from config (`build.py`), the offline lexicon harm judge (`lexicon.py`), win-rate and harm
+metrics with intervals (`metrics.py`) and the report. Never imports `polyalign.train`.
 """

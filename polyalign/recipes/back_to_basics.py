@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from polyalign.config import RunConfig, load_config
-from polyalign.eval.metrics import bootstrap_interval
+from polyalign.recipes.evaluate.metrics import bootstrap_interval
 
 BUDGET_PER_STEP = 32  # completions per rollout batch, identical for every method
 METHODS = {  # name -> (algorithm, samples per prompt)

@@ -2,7 +2,7 @@
 
 - `Generator.generate(prompts, seeds) -> completions`, one seed per prompt (the record's seed, see
   `stages.record_seed`): `LocalGenerator` (a causal LM through eval's local generator), `ChatGenerator` (any
-  `polyalign.eval.backends.ChatClient`, built by `polyalign.eval.build`: an OpenAI-compatible endpoint or a
+  `polyalign.eval.backends.ChatClient`, built by `polyalign.recipes.evaluate.build`: an OpenAI-compatible endpoint or a
   local HF chat model, with retries, bounded concurrency and a request cache; each request sends its seed);
 - `Translator.translate(texts, source_languages, target, seeds) -> texts`: `PromptTranslator` (any generator
   asked with a translation prompt) or `Seq2SeqTranslator` (NLLB or Marian through transformers, greedy);
@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from polyalign.eval.build import build_chat_client, build_judge
+from polyalign.recipes.evaluate.build import build_chat_client, build_judge
 from polyalign.synth.config import TRANSLATE_TEMPLATE, BackendConfig, JudgeConfig
 
 # BCP-47 -> FLORES-200 codes used by NLLB (the Aya 23 languages and a few more).

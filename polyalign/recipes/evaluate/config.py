@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from polyalign.config import check
 from polyalign.eval.config import JUDGE_KINDS, JudgeConfig
-from polyalign.eval.metrics import TIE_POLICIES
+from polyalign.recipes.evaluate.metrics import TIE_POLICIES
 
 METRICS = ("harm", "win_rate", "exact_match")
 _HARM_KINDS, _PAIR_KINDS = ("lexicon", "openai", "hf"), ("openai", "hf", "reward_model")

@@ -17,8 +17,8 @@ from pathlib import Path
 from polyalign.data.io import JsonlWriter
 from polyalign.eval import judges as J
 from polyalign.eval.backends import ChatClient
-from polyalign.eval.build import build_chat_client, build_judge
 from polyalign.eval.config import JudgeConfig
+from polyalign.recipes.evaluate.build import build_chat_client, build_judge
 from polyalign.recipes.evaluate.prompts import EvalPrompt, exact_match, extract_final_integer
 from polyalign.train.logging import ProgressLine as _ProgressLine
 

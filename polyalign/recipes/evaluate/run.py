@@ -29,9 +29,9 @@ from pathlib import Path
 
 from polyalign.config import ConfigError, check, dump_yaml, load_config
 from polyalign.data.io import DataError, JsonlWriter, get_field, read_table
-from polyalign.eval import metrics
 from polyalign.eval.backends import HFChatBackend
 from polyalign.files import atomic_write_text
+from polyalign.recipes.evaluate import metrics
 from polyalign.recipes.evaluate.config import EvalRunConfig, GenerationConfig, SideConfig
 from polyalign.recipes.evaluate.judging import (
     Judges,

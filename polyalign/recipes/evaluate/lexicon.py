@@ -31,7 +31,7 @@ from pathlib import Path
 
 from polyalign.eval.judges import Judgement, check_lengths
 
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "assets" / "ldnoobw"
+DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "assets" / "ldnoobw"
 AMBIGUOUS_FILE = "ambiguous.tsv"
 NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "my", "km", "lo"})
 # BCP-47 code -> LDNOOBW v2 file stem where they differ. v2's "kh.txt" holds Kannada words (its file names

@@ -51,7 +51,7 @@ def build_judge(
     completion is cut to its first max_chars characters in an LLM judge's prompt (0 = no cut).
     """
     if cfg.kind == "lexicon":
-        from polyalign.eval.lexicon import LexiconHarmJudge
+        from polyalign.recipes.evaluate.lexicon import LexiconHarmJudge
 
         return LexiconHarmJudge()
     if cfg.kind == "reward_model":
