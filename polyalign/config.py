@@ -17,8 +17,9 @@ from typing import Literal
 
 import yaml
 
+from polyalign.config_algo import AlgoConfig  # noqa: F401 (re-exported: the algo section)
+
 SHIPPED = Path(__file__).parent / "configs"  # the configs that travel with the package
-Algorithm = Literal["rloo", "reinforce", "vanilla_pg", "ppo", "raft", "copg"]
 Schedule = Literal["constant", "linear", "cosine"]  # after warm-up
 
 
@@ -107,41 +108,6 @@ class RewardConfig:
     max_abs: float = 1e6
     """A reward function's score beyond +-max_abs is an error naming the function (a runaway reward swamps
     the loss: the whole batch would learn from one row, or the loss overflows)."""
-
-
-@dataclass(frozen=True)
-class AlgoConfig:
-    name: Algorithm = "rloo"
-    kl_coef: float = 0.05
-    """beta in r - beta * log(pi/pi_ref). 0 disables the reference model."""
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
-    """k1 (signed, the papers') | k2 | k3 | abs."""
-    kl_aggregate: Literal["sum", "mean"] = "sum"
-    """sum over completion tokens (the papers') | mean."""
-    logprob_aggregate: Literal["sum", "token_mean"] = "sum"
-    """Sequence log-prob in the policy loss: sum (the papers') | token_mean."""
-    whiten_advantages: bool = False
-    clip_eps: float | None = None
-    """Sequence-level ratio clipping for the REINFORCE family; None = no ratio, no clip (the paper)."""
-    updates_per_batch: int = 2
-    """Gradient steps per rollout batch (the rollout is split into this many minibatches; paper: 2)."""
-    baseline_momentum: float | None = None
-    """reinforce: None = running mean of all past rewards (the paper); else an exponential moving average."""
-    copg_form: Literal["surrogate", "squared"] = "surrogate"
-    """copg: surrogate | squared (same gradient)."""
-    ppo_epochs: int = 4
-    ppo_clip_eps: float = 0.2
-    gae_lambda: float = 0.95
-    gamma: float = 1.0
-    value_coef: float = 0.1
-    value_clip_eps: float | None = 0.2
-    value_model: str | None = None
-    """ppo: critic initialisation; None = the policy's weights with a fresh scalar head."""
-    importance_correction: Literal["none", "tis"] = "none"
-    """none | tis: multiply each completion's advantage by min(pi_train / pi_sampler, importance_cap), the
-    sequence-level truncated importance weight that corrects a rollout engine whose log-probs differ from
-    the trainer's (vLLM, bf16). The mismatch itself is logged every step either way."""
-    importance_cap: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -241,7 +207,8 @@ def check_settings(cfg: typing.Any, positive: tuple[str, ...]) -> None:
     on NaN weights); counts, sizes, rates and coefficients are >= 0, and > 0 where zero means nothing
     (`positive`): at load, before any model loads."""
     for where, value, hint in leaves(cfg):
-        options = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        literal = next((h for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is Literal), None)
+        options = typing.get_args(literal) if literal else ()  # a choice, or an optional one
         check(not options or value in options, f"{where}: {value!r} not in {'|'.join(options)}")
         if not isinstance(value, int | float) or isinstance(value, bool):
             continue
@@ -272,6 +239,11 @@ def validate(cfg: RunConfig) -> None:
             r.samples_per_prompt >= 2,
             f"rollout.samples_per_prompt must be >= 2 for {a.name} (got {r.samples_per_prompt})",
         )
+    check(a.preset == "paper" or a.name == "rloo", f"algo.preset {a.preset} is a semantics of algo.name rloo")
+    check(
+        a.ratio == "token" or (a.kl_in != "token_reward" and a.logprob_aggregate in ("sum", "token_mean")),
+        f"algo: kl_in {a.kl_in} / logprob_aggregate {a.logprob_aggregate} act per token: set algo.ratio: token",
+    )
     check(a.importance_cap >= 1.0, f"algo.importance_cap must be >= 1, got {a.importance_cap}")
     check(
         r.prompts_per_step % a.updates_per_batch == 0,

@@ -15,12 +15,15 @@ from polyalign.losses.advantages import (
     BaselineState,
     best_of_group,
     gae_advantages,
+    group_advantages,
     moving_average_baseline,
     rloo_advantages,
+    token_kl_advantages,
 )
 from polyalign.losses.kl import KL_KINDS, kl_estimate, kl_shaped_rewards, sequence_kl, token_rewards
 from polyalign.losses.masks import AGGREGATES, aggregate_tokens, masked_mean, masked_sum, whiten
 from polyalign.losses.policy import (
+    kl_loss,
     ppo_clip_loss,
     reinforce_loss,
     sft_loss,

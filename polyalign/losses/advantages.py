@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from polyalign.losses.kl import token_rewards
 from polyalign.losses.masks import check_shapes
 
 
@@ -34,6 +35,41 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
         rewards = rewards.float()
     baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (group_size - 1)
     return rewards - baseline
+
+
+def group_advantages(
+    rewards: torch.Tensor, baseline: str = "loo", std_normalize: bool = False, eps: float = 1e-4
+) -> torch.Tensor:
+    """Group baselines of the RLOO/GRPO family, optionally scaled by the group's reward std.
+
+    Formulas (per group of G rewards R_1..R_G):
+        "loo":         A_i = R_i - (1/(G-1)) sum_{j != i} R_j        (`rloo_advantages`, the paper)
+        "group_mean":  A_i = R_i - (1/G) sum_j R_j                   (GRPO, arXiv:2402.03300 Sec. 4.1.2; Dr. GRPO)
+        std_normalize: A_i <- A_i / (std_j R_j + eps), unbiased std   (GRPO; Dr. GRPO removes it)
+
+    Shapes: rewards (P, G), G >= 2. Returns (P, G).
+    """
+    advantages = rloo_advantages(rewards)  # checks shapes and G
+    if baseline == "group_mean":
+        advantages = rewards - rewards.mean(dim=1, keepdim=True)
+    elif baseline != "loo":
+        raise ValueError(f"baseline={baseline!r} is not one of ('loo', 'group_mean')")
+    if std_normalize:
+        advantages = advantages / (rewards.float().std(dim=1, keepdim=True) + eps)
+    return advantages
+
+
+def token_kl_advantages(
+    advantages: torch.Tensor, kl_per_token: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Token-level advantages with the KL as a per-token reward after the baseline (OpenRLHF's RLOO):
+        A_{b,t} = A_b - beta * sum_{t' >= t} kl_{b,t'}      (reward-to-go with gamma = 1, 0 on padding)
+    where A_b is the baselined score (the KL is not in the baseline).
+
+    Shapes: advantages (B,), kl_per_token, mask (B, T) right padded. Returns (B, T), detached.
+    """
+    rewards = token_rewards(advantages.detach(), kl_per_token.detach(), mask, beta)
+    return gae_advantages(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)[0]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ import torch
 #   "token_mean":       mean over each sequence's tokens, mean over sequences (verl "seq-mean-token-mean").
 #   "batch_token_mean": sum over all tokens of the batch / number of tokens of the batch (verl "token-mean",
 #                       the usual cross-entropy: long sequences weigh more).
-AGGREGATES = ("sum", "token_mean", "batch_token_mean")
+#   "max_tokens":       sum over all tokens of the batch / (B * max_tokens), a constant (Dr. GRPO,
+#                       arXiv:2503.20783; max_tokens = the generation budget, T when not given).
+AGGREGATES = ("sum", "token_mean", "batch_token_mean", "max_tokens")
 
 
 def check_shapes(dims: str = "", **tensors: torch.Tensor | torch.Size) -> None:
@@ -84,7 +86,9 @@ def whiten(
     return fill_padding(out, mask)
 
 
-def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, aggregate: str) -> torch.Tensor:
+def aggregate_tokens(
+    per_token: torch.Tensor, mask: torch.Tensor, aggregate: str, max_tokens: int | None = None
+) -> torch.Tensor:
     """Reduce per-token terms (B, T) to a scalar with one of AGGREGATES (see the table above)."""
     check_choice("aggregate", aggregate, AGGREGATES)
     check_shapes("B T", per_token=per_token, mask=mask)
@@ -92,4 +96,6 @@ def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, aggregate: str
         return masked_sum(per_token, mask, dim=-1).mean()
     if aggregate == "token_mean":
         return masked_mean(per_token, mask, dim=-1).mean()
+    if aggregate == "max_tokens":
+        return masked_sum(per_token, mask) / (per_token.shape[0] * (max_tokens or per_token.shape[1]))
     return masked_mean(per_token, mask)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from polyalign.losses.kl import kl_estimate
 from polyalign.losses.masks import (
     aggregate_tokens,
     check_choice,
@@ -105,13 +106,15 @@ def ppo_clip_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     aggregate: str = "token_mean",
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level PPO clipped surrogate: each token is an action with its own ratio and advantage.
 
     Formula (Schulman et al. 2017, arXiv:1707.06347, Eq. 7; SPEC 1.1 "PPO's token-level view"):
         r_t = exp(logprobs_t - old_logprobs_t),   L = aggregate_t[ -min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t) ]
     The default aggregate "token_mean" averages each sequence's tokens, then the sequences; "batch_token_mean"
-    (all tokens of the batch equal, verl/TRL) and "sum" are options. With r = 1 the gradient is the vanilla
+    (all tokens of the batch equal, verl/TRL), "sum" and "max_tokens" (Dr. GRPO) are options; clip_eps=inf
+    leaves the ratio unclipped. With r = 1 the gradient is the vanilla
     token-level policy gradient -A_t grad logprobs_t (Back to Basics' "Vanilla PG" drops ratio and clip).
 
     Shapes: logprobs, old_logprobs, mask (B, T); advantages (B, T) (e.g. from `gae_advantages`) or (B,)
@@ -130,7 +133,7 @@ def ppo_clip_loss(
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    loss = aggregate_tokens(-torch.minimum(unclipped, clipped), mask, aggregate)
+    loss = aggregate_tokens(-torch.minimum(unclipped, clipped), mask, aggregate, max_tokens)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped < unclipped).float(), mask),
@@ -190,3 +193,23 @@ def sft_loss(
     loss = aggregate_tokens(-_float(logprobs), mask, aggregate)
     stats = {"nll": loss.detach(), "tokens": mask.bool().sum().float()}
     return loss, stats
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "k3",
+    aggregate: str = "token_mean",
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """KL as a loss term after the baseline (GRPO, DeepSeekMath arXiv:2402.03300 Eq. 3-4; verl use_kl_loss):
+        L_KL = aggregate_t[ kl_estimate(logprobs_t, ref_logprobs_t) ]      (GRPO: kind "k3", "token_mean")
+    added as + beta * L_KL to the policy loss, aggregated like it (`masks.AGGREGATES`). The gradient flows
+    through `logprobs` (the policy being trained); `ref_logprobs` is detached.
+
+    Shapes: logprobs, ref_logprobs, mask (B, T). Returns a scalar.
+    """
+    check_shapes("B T", logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    per_token = kl_estimate(fill_padding(logprobs, mask), fill_padding(ref_logprobs.detach(), mask), kind)
+    return aggregate_tokens(per_token, mask, aggregate, max_tokens)

@@ -15,6 +15,7 @@ Run it: `polyalign train [CONFIG.yaml] [--algo.name=rloo --train.steps=200 ...] 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,13 +85,18 @@ def reference_phase(
     The sampler's log-probs are the current policy's (on-policy): no extra forward for log pi."""
     if ref is None:
         return Scored(scores, components, None, torch.zeros_like(scores), scores.clone())
-    mask = rollout.completion_mask
-    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask)
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
     ref_logprobs = completion_logprobs(ref, *args, temperature=temperature)
+    return shaped(scores, components, rollout.logprobs, ref_logprobs, rollout.completion_mask, a)
+
+
+def shaped(scores, components, logprobs, ref_logprobs, mask, a: AlgoConfig) -> Scored:
+    """The sequence KL and the rewards the baseline sees: R = score - beta * KL with algo.kl_in "reward";
+    the raw scores when the KL enters the loss ("loss", "token_reward")."""
     kind, aggregate = a.kl_estimator, a.kl_aggregate
-    kl = losses.sequence_kl(rollout.logprobs, ref_logprobs, mask, kind=kind, aggregate=aggregate)
+    kl = losses.sequence_kl(logprobs, ref_logprobs, mask, kind=kind, aggregate=aggregate)
     rewards = losses.kl_shaped_rewards(
-        scores, rollout.logprobs, ref_logprobs, mask, a.kl_coef, kind=kind, aggregate=aggregate
+        scores, logprobs, ref_logprobs, mask, a.kl_coef if a.kl_in == "reward" else 0.0, kind, aggregate
     )
     return Scored(scores, components, ref_logprobs, kl, rewards)
 
@@ -99,7 +105,7 @@ def advantage_phase(rewards: torch.Tensor, a: AlgoConfig, group_size: int, state
     """Per-completion advantages (B,) of the whole batch (every process's rewards, so that baselines and
     whitening see all rows) for the REINFORCE family; RAFT/CoPG/PPO use their own signals."""
     if a.name == "rloo":
-        adv = losses.rloo_advantages(rewards.view(-1, group_size)).flatten()
+        adv = losses.group_advantages(rewards.view(-1, group_size), a.baseline, a.std_normalize).flatten()
     elif a.name == "reinforce":
         saved = state.get("baseline")  # kept JSON-friendly in the run state, so that it rides in checkpoints
         baseline = losses.BaselineState(saved["mean"], saved["count"]) if saved else None
@@ -131,17 +137,28 @@ def group_minibatches(
     return out
 
 
-def policy_loss_fn(
-    a: AlgoConfig, group_size: int, rollout: Rollout, scored: Scored, advantages: torch.Tensor
-) -> Callable:
-    """The per-micro-batch loss of the configured algorithm: (logprobs (b, T), rows (b,)) -> (loss, stats)."""
-    mask, G = rollout.completion_mask, group_size
+def policy_loss_fn(a: AlgoConfig, rollout: Rollout, scored: Scored, adv_all: torch.Tensor, max_tokens: int):
+    """The per-micro-batch loss of the configured algorithm: (logprobs (b, T), rows (b,)) -> (loss, stats).
+    The REINFORCE family follows algo.kl_in, ratio, clip_eps and logprob_aggregate (docs/presets.md)."""
+    mask, G, ref = rollout.completion_mask, rollout.group_size, scored.ref_logprobs
+    old_logprobs = rollout.logprobs
+    agg, kl_in = a.logprob_aggregate, a.kl_in if ref is not None else "reward"  # no reference: no KL
 
     def reinforce(logp, rows):
-        old = rollout.logprobs[rows] if a.clip_eps is not None else None
-        return losses.reinforce_loss(
-            logp, advantages[rows], mask[rows], a.logprob_aggregate, old_logprobs=old, clip_eps=a.clip_eps
-        )
+        m, adv = mask[rows], adv_all[rows]
+        if kl_in == "token_reward":  # OpenRLHF: the sampler's per-token KL as a reward-to-go
+            kl_t = losses.kl_estimate(old_logprobs[rows], ref[rows], kind=a.kl_estimator)
+            adv = losses.token_kl_advantages(adv, kl_t, m, a.kl_coef)
+        if a.ratio == "sequence":  # clip_eps 0: no ratio (the paper)
+            old, clip = (old_logprobs[rows], a.clip_eps) if a.clip_eps else (None, None)
+            loss, stats = losses.reinforce_loss(logp, adv, m, agg, old_logprobs=old, clip_eps=clip)
+        else:
+            clip = a.clip_eps or math.inf
+            loss, stats = losses.ppo_clip_loss(logp, old_logprobs[rows], adv, m, clip, agg, max_tokens)
+        if kl_in == "loss":  # after the baseline, gradient through log pi (GRPO, verl use_kl_loss)
+            kl = losses.kl_loss(logp, ref[rows], m, a.kl_estimator, agg, max_tokens)
+            loss, stats = loss + a.kl_coef * kl, {**stats, "kl_loss": kl.detach()}
+        return loss, stats
 
     def raft(logp, rows):
         return losses.sft_loss(logp, mask[rows])
@@ -164,7 +181,7 @@ def update_phase(run: Run, rollout: Rollout, scored: Scored, advantages: torch.T
     stats: dict[str, float] = {}
     if cfg.algo.importance_correction == "tis":
         advantages, stats = importance_corrected(run, rollout, advantages, parts)
-    loss_fn = policy_loss_fn(cfg.algo, G, rollout, scored, advantages)
+    loss_fn = policy_loss_fn(cfg.algo, rollout, scored, advantages, cfg.rollout.max_new_tokens)
     if cfg.algo.name == "raft":  # best of k by KL-shaped reward; the other rows need no forward at all
         best = losses.best_of_group(scored.rewards.view(-1, G))
         parts = [[best[torch.isin(best, r)] for r in micros] for micros in parts]
@@ -210,7 +227,7 @@ def importance_corrected(
     )
     stats = logprob_mismatch(rollout.logprobs, trainer, mask)
     stats.update({k: float(v) for k, v in weight_stats.items()})
-    return advantages * weights.to(advantages.dtype), stats
+    return advantages * weights.to(advantages.dtype).view(-1, *(1,) * (advantages.dim() - 1)), stats
 
 
 # ---------------------------------------------------------------- the step
