@@ -50,12 +50,13 @@ def group_advantages(
     Shapes: rewards (P, G), G >= 2. Returns (P, G).
     """
     advantages = rloo_advantages(rewards)  # checks shapes and G
+    rewards = rewards.to(advantages.dtype)
     if baseline == "group_mean":
         advantages = rewards - rewards.mean(dim=1, keepdim=True)
     elif baseline != "loo":
         raise ValueError(f"baseline={baseline!r} is not one of ('loo', 'group_mean')")
     if std_normalize:
-        advantages = advantages / (rewards.float().std(dim=1, keepdim=True) + eps)
+        advantages = advantages / (rewards.std(dim=1, keepdim=True) + eps)
     return advantages
 
 
