@@ -72,6 +72,7 @@ def greedy_eval(policy, ref, tokenizer, score, prompts: list[str], max_new_token
         "reward": final_scores.tolist(),
         "kl": kl.tolist(),
         "wins": wins.tolist(),
+        "length": final.completion_lengths.tolist(),
         "completion": final.completions[0],
     }
 

@@ -29,6 +29,11 @@ def cmd_repro(args: argparse.Namespace, extra: list[str]) -> int:
         from polyalign.recipes.copg_bandit import cli_copg_bandit
 
         return cli_copg_bandit(epochs=args.epochs, seed=args.seed, out=args.out or "runs/copg-bandit")
+    if args.name == "semantics":
+        from polyalign.recipes.semantics import cli_semantics
+
+        out = args.out or "runs/semantics"
+        return cli_semantics(args.seeds or [0, 1, 2], args.steps, out, split_overrides(extra), jobs=args.jobs)
     from polyalign.recipes.back_to_basics import cli_back_to_basics
 
     return cli_back_to_basics(
@@ -75,16 +80,21 @@ def add_commands(sub) -> None:
         func=cmd_configs
     )
     repro = sub.add_parser("repro", help="the papers' experiments in miniature")
-    repro.add_argument("name", choices=["copg-bandit", "back-to-basics", "copg-offline"])
+    repro.add_argument("name", choices=["copg-bandit", "back-to-basics", "copg-offline", "semantics"])
     repro.add_argument("--epochs", type=int, default=100, help="copg-bandit: passes over the 10^4 pairs")
     repro.add_argument("--seed", type=int, default=0, help="copg-bandit: seed")
     repro.add_argument(
-        "--seeds", type=int, nargs="+", default=None, help="seeds (back-to-basics: 0 1 2; copg-offline: 0)"
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds (back-to-basics, semantics: 0 1 2; copg-offline: 0)",
     )
     repro.add_argument(
         "--steps", type=int, default=None, help="training steps per run (each repro has its default)"
     )
     repro.add_argument("--out", default=None, help="output directory")
+    repro.add_argument("--jobs", type=int, default=1, help="semantics: runs at a time (one thread each)")
     repro.set_defaults(func=cmd_repro)
     ev = sub.add_parser(
         "eval", help="judge a model or completions file: win-rate, harm rate per language, exact match"
