@@ -212,3 +212,28 @@ def test_config_yaml_holds_the_resolved_options_and_the_preset_trains(tmp_path):
     assert load_config(run_dir / "config.yaml") == cfg
     losses = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 2 and "NaN" not in "".join(losses)
+
+
+def test_print_config_shows_the_resolved_options(capsys):
+    from polyalign.cli import main
+
+    assert main(["train", "--print-config", "--algo.preset=dr_grpo", "--algo.clip_eps=0.3"]) == 0
+    out = capsys.readouterr().out
+    assert 'algo.kl_in: "loss"' in out and 'algo.logprob_aggregate: "max_tokens"' in out
+    assert "algo.std_normalize: false" in out and "algo.clip_eps: 0.3" in out
+
+
+def test_the_new_loss_pieces_by_hand():
+    from polyalign import losses
+
+    r = torch.tensor([[1.0, 2.0, 6.0]])
+    assert losses.group_advantages(r).tolist() == [[-3.0, -1.5, 4.5]]
+    assert losses.group_advantages(r, "group_mean").tolist() == [[-2.0, -1.0, 3.0]]
+    scaled = losses.group_advantages(r, "group_mean", std_normalize=True)
+    assert scaled[0].tolist() == pytest.approx([x / (math.sqrt(7.0) + 1e-4) for x in (-2.0, -1.0, 3.0)])
+    per_token, mask = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert float(losses.aggregate_tokens(per_token, mask, "max_tokens", max_tokens=5)) == pytest.approx(0.6)
+    assert float(losses.aggregate_tokens(per_token, mask, "max_tokens")) == pytest.approx(1.0)  # T = 3
+    kl = torch.tensor([[0.1, 0.2, 0.3]])
+    adv = losses.token_kl_advantages(torch.tensor([1.0]), kl, torch.tensor([[1, 1, 0]]), beta=0.5)
+    assert adv[0].tolist() == pytest.approx([1 - 0.5 * 0.3, 1 - 0.5 * 0.2, 0.0])

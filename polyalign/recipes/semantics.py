@@ -63,7 +63,10 @@ def run_preset(preset: str, seed: int, steps: int, out: Path, overrides: list[st
     prompts = run.eval_prompts.prompts[: cfg.eval.num_prompts]
     score = lambda p, c: run.score(p, c)[0]  # noqa: E731
     result = greedy_eval(run.policy, run.ref, run.tokenizer, score, prompts, cfg.eval.max_new_tokens)
-    return {"preset": preset, "seed": seed, **result, "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    mean = statistics.fmean(result["reward"])
+    print(f"[semantics] {preset} seed {seed}: held-out reward {mean:.3f} ({seconds:.0f} s)", flush=True)
+    return {"preset": preset, "seed": seed, **result, "seconds": seconds}
 
 
 def summarize(runs: list[dict]) -> list[dict]:
