@@ -18,15 +18,21 @@ TINY = [
 def test_semantics_runs_every_given_preset_and_writes_its_table(tmp_path, capsys):
     assert cli_semantics([0], 2, str(tmp_path), TINY, presets=["paper", "grpo"]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
-    assert [r["preset"] for r in data["table"]] == ["paper", "grpo"]
-    for row in data["table"]:
+    assert [r["preset"] for r in data["table"]] == ["start", "paper", "grpo"]
+    assert data["table"][0]["kl"] == 0.0 and data["table"][0]["win_rate"] == 50.0
+    for row in data["table"][1:]:
         assert row["seeds"] == 1 and 0 <= row["win_rate"] <= 100 and 0 < row["length"] <= 6
         assert {"reward", "kl", "length", "win_rate", "reward_std", "win_rate_std"} <= set(row)
     assert [len(r["wins"]) for r in data["runs"]] == [4, 4]
     saved = (tmp_path / "runs" / "grpo-seed0" / "config.yaml").read_text()
     assert "kl_in: loss" in saved and "logprob_aggregate: token_mean" in saved
     table = (tmp_path / "table.md").read_text()
-    assert "| paper |" in table and "| grpo |" in table and "| paper |" in capsys.readouterr().out
+    assert (
+        "| start |" in table
+        and "| paper |" in table
+        and "| grpo |" in table
+        and "| paper |" in capsys.readouterr().out
+    )
     assert (tmp_path / "semantics.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -52,14 +52,15 @@ def method_config(base: RunConfig, algo: str, k: int, seed: int, steps: int, out
 
 
 @torch.inference_mode()
-def greedy_eval(policy, ref, tokenizer, score, prompts: list[str], max_new_tokens: int) -> dict:
-    """Greedy completions of the final and the starting policy, their scores and the final policy's KL."""
+def greedy_eval(policy, ref, tokenizer, score, prompts: list[str], max_new_tokens: int, stop=()) -> dict:
+    """Greedy completions of the final and the starting policy (cut at `stop` strings), their scores and
+    the final policy's KL."""
     from polyalign import losses
     from polyalign.logprobs import completion_logprobs
     from polyalign.rollout.hf import HFEngine
     from polyalign.types import Sampling
 
-    greedy = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
+    greedy = Sampling(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=tuple(stop))
     final = HFEngine(policy, tokenizer).generate(prompts, n=1, sampling=greedy)
     start = HFEngine(ref, tokenizer).generate(prompts, n=1, sampling=greedy)
     ref_logprobs = completion_logprobs(
@@ -73,6 +74,8 @@ def greedy_eval(policy, ref, tokenizer, score, prompts: list[str], max_new_token
         "kl": kl.tolist(),
         "wins": wins.tolist(),
         "length": final.completion_lengths.tolist(),
+        "start_reward": start_scores.tolist(),
+        "start_length": start.completion_lengths.tolist(),
         "completion": final.completions[0],
     }
 

@@ -31,6 +31,7 @@ BUDGET = [
     "--eval.max_new_tokens=32",
     "--eval.num_prompts=32",
     "--model.threads=1",
+    '--rollout.stop_strings=["."]',
 ]
 QUIET = [
     "--eval.every=0",
@@ -62,7 +63,8 @@ def run_preset(preset: str, seed: int, steps: int, out: Path, overrides: list[st
     train_loop(run)
     prompts = run.eval_prompts.prompts[: cfg.eval.num_prompts]
     score = lambda p, c: run.score(p, c)[0]  # noqa: E731
-    result = greedy_eval(run.policy, run.ref, run.tokenizer, score, prompts, cfg.eval.max_new_tokens)
+    stop, max_new = cfg.rollout.stop_strings, cfg.eval.max_new_tokens
+    result = greedy_eval(run.policy, run.ref, run.tokenizer, score, prompts, max_new, stop)
     seconds = time.perf_counter() - start
     mean = statistics.fmean(result["reward"])
     print(f"[semantics] {preset} seed {seed}: held-out reward {mean:.3f} ({seconds:.0f} s)", flush=True)
@@ -70,8 +72,18 @@ def run_preset(preset: str, seed: int, steps: int, out: Path, overrides: list[st
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per preset: the mean and the standard deviation over seeds of each run's mean."""
+    """One row per preset: the mean and the standard deviation over seeds of each run's mean; first the
+    starting policy's row (greedy, so the same in every run: KL 0, win-rate 50)."""
     rows = []
+    if runs and "start_reward" in runs[0]:
+        start = {
+            "preset": "start",
+            "seeds": 0,
+            "reward": statistics.fmean(runs[0]["start_reward"]),
+            "kl": 0.0,
+        }
+        start |= {"length": statistics.fmean(runs[0]["start_length"]), "win_rate": 50.0}
+        rows.append(start | {f"{m}_std": 0.0 for m in METRICS})
     for preset in dict.fromkeys(r["preset"] for r in runs):
         per_seed = {m: [] for m in METRICS}
         for r in (r for r in runs if r["preset"] == preset):
