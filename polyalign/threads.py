@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-RUNTIME_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(min(os.cpu_count() or 1, 2))}
+RUNTIME_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}  # waiting threads sleep at once; torch keeps its count
 
 
 def set_runtime_defaults() -> None:
