@@ -77,3 +77,14 @@ def test_coload_step_times_of_a_finished_and_a_stopped_run():
         [2.0, 1.0],
         False,
     )  # stopped on its way out
+
+
+def test_record_writes_the_row_into_the_machine_table(tmp_path):
+    runs = [result("trl", i, 1.0) for i in range(3)] + [result("polyalign", i, 0.5) for i in range(3)]
+    summary = {"workload": "dpo", "size": "small", **run.summarize(runs)}
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# R\n\n{results_md.ANCHOR}\n")
+    run.record(summary, {**MACHINE, "omp_env": "OMP_WAIT_POLICY=PASSIVE"}, path)
+    text = path.read_text()
+    assert "## Test CPU, 2 cores" in text and "torch 2.13; OpenMP env OMP_WAIT_POLICY=PASSIVE" in text
+    assert "| dpo | small | 3 | 1.000 (1.000, 1.000, 1.000) | 0.500 (0.500, 0.500, 0.500) |" in text

@@ -53,12 +53,16 @@ def _entry_report(env: dict) -> dict:
         "import json, os, polyalign.cli as cli\n"
         "def main():\n"
         "    import torch\n"
-        "    print(json.dumps({'threads': torch.get_num_threads(), 'wait': os.environ.get('OMP_WAIT_POLICY')}))\n"
+        "    print(json.dumps({'threads': torch.get_num_threads(), 'spin': os.environ.get('GOMP_SPINCOUNT')}))\n"
         "    return 0\n"
         "cli.main = main\n"
         "cli.entry()\n"
     )
-    keep = {k: v for k, v in os.environ.items() if k not in (*RUNTIME_DEFAULTS, "OMP_NUM_THREADS")}
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")
+    }
     out = subprocess.run(
         [sys.executable, "-c", code], env={**keep, "PYTHONPATH": str(REPO), **env},
         capture_output=True, text=True, check=True, timeout=120,
@@ -67,11 +71,9 @@ def _entry_report(env: dict) -> dict:
 
 
 def test_console_script_sets_openmp_defaults_before_torch_and_the_user_wins():
-    assert _entry_report({})["wait"] == "PASSIVE"
-    assert _entry_report({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}) == {
-        "threads": 1,
-        "wait": "ACTIVE",
-    }
+    assert _entry_report({})["spin"] == RUNTIME_DEFAULTS["GOMP_SPINCOUNT"] == "3000"
+    assert _entry_report({"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": "50"}) == {"threads": 1, "spin": "50"}
+    assert _entry_report({"OMP_WAIT_POLICY": "PASSIVE"})["spin"] is None  # the wait policy decides the spins
 
 
 def test_train_applies_model_threads(tmp_path, stop_after_threads):
