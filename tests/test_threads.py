@@ -141,3 +141,15 @@ def test_a_negative_thread_count_is_one_clear_line(capsys):
 
     assert main(["serve", "--threads", "-1"]) == 1
     assert "polyalign serve: threads: -1 must be >= 0" in capsys.readouterr().err
+
+
+def test_the_command_line_override_reaches_eval(tmp_path, stop_after_threads):
+    from polyalign.cli import main
+    from polyalign.recipes.evaluate import run
+
+    stop, seen = stop_after_threads
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"out_dir: {tmp_path / 'out'}\n")
+    stop(run, "load_prompts")
+    assert main(["eval", str(config), "--threads=2"]) == 1  # stopped right after the threads were applied
+    assert seen == [2]
