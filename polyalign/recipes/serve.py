@@ -261,7 +261,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for flag, (name, kind, text) in _FLAGS.items():
         parser.add_argument(flag, dest=name, type=kind, default=getattr(ServeLimits(), name), help=text)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = the default (docs/threads.md)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads; 0 = the default (docs/threads.md)"
+    )
 
 
 def limits_from_args(args: Any) -> ServeLimits:
