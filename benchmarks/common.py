@@ -127,6 +127,44 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+OMP_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def machine(threads: int = 2, repeats: int = 5) -> dict:
+    """The machine a benchmark ran on: CPU model (/proc/cpuinfo), cores, the OpenMP variables set, and two
+    speeds measured on `threads` torch threads, medians of `repeats`: a 2048x2048 fp32 matmul (GFLOP/s,
+    2 n^3 flops) and a 256 MiB tensor copy (GB/s of bytes copied), with the 1-minute load average then."""
+    import platform
+
+    import torch
+
+    torch.set_num_threads(threads)
+
+    model = platform.processor() or "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+
+    def median_time(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    a, src = torch.randn(2048, 2048), torch.ones(64 * 2**20)
+    dst = torch.empty_like(src)
+    matmul_s, copy_s = median_time(lambda: a @ a), median_time(lambda: dst.copy_(src))
+    return {
+        "cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "omp_env": " ".join(f"{k}={os.environ[k]}" for k in OMP_ENV if k in os.environ),
+        "matmul_2048_gflops": round(2 * 2048**3 / matmul_s / 1e9, 1),
+        "memcpy_gb_s": round(src.numel() * 4 / copy_s / 1e9, 1), "load": load_average(),
+    }  # fmt: skip
+
+
 def emit(result: dict) -> None:
     """Print the result as one JSON line (the last line a parent process reads)."""
     result = {**result, "peak_rss_mib": round(peak_rss_mib(), 1), "load": load_average()}

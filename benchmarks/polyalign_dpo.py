@@ -92,7 +92,7 @@ def instrument(run, timer: common.PhaseTimer) -> None:
     """Time polyalign's own calls: the reference and policy log-prob forwards, backward, optimizer.step."""
     import torch
 
-    from polyalign.train import offline, offline_batches
+    from polyalign.train import offline
 
     policy_logprobs = offline.pair_logprobs
 
@@ -103,9 +103,7 @@ def instrument(run, timer: common.PhaseTimer) -> None:
             return policy_logprobs(model, batch)
 
     offline.pair_logprobs = timed_policy
-    offline_batches.reference_sequence_logprobs = timer.wrap(
-        offline_batches.reference_sequence_logprobs, "ref_forward"
-    )
+    offline.reference_sequence_logprobs = timer.wrap(offline.reference_sequence_logprobs, "ref_forward")
     torch.Tensor.backward = timer.wrap(torch.Tensor.backward, "backward")
     run.optimizer.step = timer.wrap(run.optimizer.step, "optimizer")
 

@@ -142,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The console script: under torchrun, leave without the interpreter's teardown, where gloo's threads
-    can wait forever on a peer that has already exited (all output is flushed and files closed by then)."""
+    can wait forever on a peer that has already exited (all output is flushed and files closed by then).
+    First, before torch is imported, the OpenMP settings that keep a shared CPU from stalling (threads.py)."""
+    from polyalign.threads import set_runtime_defaults
+
+    set_runtime_defaults()
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()

@@ -47,7 +47,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     device: str = "cpu"
     threads: int = 0
-    """torch.set_num_threads on CPU; 0 = leave torch's default."""
+    """CPU threads (torch.set_num_threads); 0 = the process's setting (the command's: docs/threads.md)."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun (more than one process): ddp (replicated weights, averaged gradients) | fsdp (FSDP2
     `fully_shard`: weights, gradients and optimizer state sharded across processes). Ignored in one process."""

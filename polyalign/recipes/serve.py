@@ -44,6 +44,7 @@ import uuid
 from typing import Any
 
 from polyalign.recipes.serve_http import ApiError, BoundedHTTPServer, ServeLimits, log, make_handler
+from polyalign.threads import apply_threads
 
 __all__ = ["ApiError", "ModelServer", "ServeLimits", "add_serve_arguments", "cli_serve", "serve"]
 
@@ -260,6 +261,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for flag, (name, kind, text) in _FLAGS.items():
         parser.add_argument(flag, dest=name, type=kind, default=getattr(ServeLimits(), name), help=text)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads; 0 = the default (docs/threads.md)"
+    )
 
 
 def limits_from_args(args: Any) -> ServeLimits:
@@ -274,6 +278,7 @@ def cli_serve(args: Any) -> int:
     host = getattr(args, "host", None) or "127.0.0.1"
     port = getattr(args, "port", None)
     api_key = getattr(args, "api_key", None) or os.environ.get(_API_KEY_ENV) or None
+    apply_threads(getattr(args, "threads", 0) or 0)
     server, thread = serve(
         model,
         host=host,

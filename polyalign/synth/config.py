@@ -125,6 +125,9 @@ class SynthConfig:
     batch_size: int = 8
     """Work items per durable append (and per model batch)."""
     out_dir: str = "runs/synth"
+    threads: int = 0
+    """CPU threads (torch.set_num_threads); 0 = the process's setting (the polyalign command's default, see
+    docs/threads.md)."""
     progress: bool = True
     """Print progress lines (records done/total, rate) for stages that run over a few seconds, on a terminal
     only; false = quiet."""

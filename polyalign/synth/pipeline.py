@@ -35,6 +35,7 @@ from polyalign.synth.paths import SYNTH_PATHS, load_config_at
 from polyalign.synth.safety import load_redteam_prompts, select_sources
 from polyalign.synth.sources import read_prompt_file
 from polyalign.synth.store import check_unique_ids, read_stage
+from polyalign.threads import apply_threads
 
 
 def load_sources(cfg: SynthConfig) -> tuple[list[dict], int]:
@@ -101,6 +102,7 @@ def run_synth(
     `force_stage` redoes that stage and every later one; otherwise changed settings are refused."""
     from polyalign.synth import backends
 
+    apply_threads(cfg.threads)
     out, settings = _prepare(cfg, force_stage)
     fp = fingerprints.stage_fingerprints(settings)
     sources, empty = load_sources(cfg) if sources is None else (sources, 0)

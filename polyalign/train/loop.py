@@ -27,6 +27,7 @@ from torch import nn
 
 from polyalign.config import dump_yaml
 from polyalign.files import atomic_write_text
+from polyalign.threads import apply_threads
 from polyalign.train import distributed
 from polyalign.train.checkpoint import (
     CHECKPOINTS,
@@ -76,8 +77,7 @@ def start(
 
     Returns (world, cfg with this process's device, run_dir). `check(cfg, world)` runs before anything is
     written, so that a configuration that cannot split over the processes fails first."""
-    if cfg.model.threads:
-        torch.set_num_threads(cfg.model.threads)
+    apply_threads(cfg.model.threads)
     world, cfg = distributed.join(cfg)
     if check is not None:
         check(cfg, world)

@@ -76,6 +76,9 @@ class EvalRunConfig:
     chunk_size: int = 64
     """Judgements are appended to judgements.jsonl after every chunk of this many items."""
     out_dir: str = "runs/eval"
+    threads: int = 0
+    """CPU threads (torch.set_num_threads); 0 = the process's setting (the polyalign command's default, see
+    docs/threads.md)."""
 
     def __post_init__(self) -> None:
         validate(self)

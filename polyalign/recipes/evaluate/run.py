@@ -50,6 +50,7 @@ from polyalign.recipes.evaluate.prompts import (
     load_xsafety,
 )
 from polyalign.recipes.evaluate.report import headline, write_eval_report
+from polyalign.threads import apply_threads
 
 
 def load_prompts(cfg: EvalRunConfig) -> tuple[list[EvalPrompt], str]:
@@ -228,6 +229,7 @@ def collect_completions(cfg: EvalRunConfig, prompts: list[EvalPrompt]) -> tuple[
 
 def run_eval(cfg: EvalRunConfig) -> dict:
     """Run an evaluation (module docstring); returns the summary written to out_dir/summary.json."""
+    apply_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))

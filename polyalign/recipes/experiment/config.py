@@ -101,6 +101,10 @@ class ExperimentConfig:
     eval: ExperimentEvalConfig = field(default_factory=ExperimentEvalConfig)
     seed: int = 0
     out_dir: str = "runs/experiment"
+    threads: int = 0
+    """CPU threads (torch.set_num_threads); 0 = the process's setting (the polyalign command's default, see
+    docs/threads.md); its
+    synth, training and evaluation runs share it unless their own configs set theirs.."""
 
     def __post_init__(self) -> None:
         validate(self)

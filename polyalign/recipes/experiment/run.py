@@ -33,6 +33,7 @@ from polyalign.files import write_jsonl_atomic
 from polyalign.recipes.experiment.config import DataSource, ExperimentConfig, load_experiment_config
 from polyalign.recipes.experiment.report import build_matrix, write_experiment_report
 from polyalign.synth.mixtures import build_mixture, write_mixture
+from polyalign.threads import apply_threads
 
 BASE_ROW = "base"
 
@@ -240,6 +241,7 @@ def evaluate_rows(
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Run every phase (module docstring); returns the summary written to out_dir/summary.json."""
+    apply_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
