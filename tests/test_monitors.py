@@ -2,12 +2,14 @@
 thresholds, and a run rewarded for short completions showing the length monitor firing (metrics, progress)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from polyalign.config import load_config
+from polyalign.recipes.report import fired_monitors, plot_reward_vs_kl, write_training_report
 from polyalign.train import monitors
 from polyalign.train.logging import Progress
 from polyalign.train.online import train_online
@@ -94,21 +96,46 @@ def test_alarms_fire_past_their_thresholds_only():
 
 def test_a_run_rewarded_for_short_completions_fires_the_length_monitor(tmp_path, capsys):
     """Each token costs 0.2 and completions stop at '.': the policy learns to stop at once (~19 -> ~1
-    token) and the length monitor fires in the metrics and in the progress line. ~3 s on a CPU."""
+    token) and the length monitor fires in the metrics, the progress line and the report. ~5 s on a CPU."""
     cfg = load_config(
         None,
         [
             "--reward.functions={lexicon_sentiment: 1.0}", "--reward.length_penalty=0.2",
             "--rollout.prompts_per_step=4", "--rollout.samples_per_prompt=4", "--rollout.max_new_tokens=32",
-            "--rollout.stop_strings=['.']", "--train.steps=10", "--train.lr=1e-2", "--eval.every=0",
-            "--output.report=false", "--output.sample_every=0", f"--output.run_dir={tmp_path / 'run'}",
+            "--rollout.stop_strings=['.']", "--train.steps=10", "--train.lr=1e-2", "--eval.every=5",
+            "--eval.num_prompts=4", "--eval.max_new_tokens=8", "--eval.scorer=length_reward",
+            "--output.sample_every=0", f"--output.run_dir={tmp_path / 'run'}",
         ],
     )  # fmt: skip
-    train_online(cfg)
-    rows = [
-        json.loads(line) for line in (Path(cfg.output.run_dir) / "metrics.jsonl").read_text().splitlines()
-    ]
+    summary = train_online(cfg)
+    run_dir = Path(cfg.output.run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    assert all("monitor/length_drift" in r and "monitor/repeat_4gram" in r for r in steps)
+    assert all("monitor/length_drift" in r and "monitor/held_out_distinct" in r for r in steps)
     assert steps[0]["monitor/length_drift"] == 1.0 and steps[-1]["monitor/length_drift"] < 0.5
     assert "! length x0.0" in capsys.readouterr().out  # step 10's progress line
+    evals = [r for r in rows if "eval/distinct" in r]
+    assert [r["step"] for r in evals] == [0, 5, 10] and all("eval/scorer_corr" in r for r in evals)
+
+    report = write_training_report(summary, cfg).read_text()
+    monitors_section = report[report.index("## Monitors") :]
+    assert re.search(r"\| length \| [12] \| 10 \| \d+ \| `! length x0\.", monitors_section)
+    for png in ("reward_vs_kl", "monitors", "held_out_over_training"):
+        assert f"(plots/{png}.png)" in monitors_section and (run_dir / "plots" / f"{png}.png").stat().st_size
+
+
+def test_fired_monitors_lists_each_monitor_with_its_steps(tmp_path):
+    records = [
+        {"step": 1, "monitor/length_drift": 1.0, "monitor/kl_per_token": 0.1},
+        {"step": 2, "monitor/length_drift": 2.5, "monitor/kl_per_token": 0.4},
+        {"step": 2, "monitor/held_out_distinct": 0.5},  # an evaluation's record at the same step
+        {"step": 3, "monitor/length_drift": 3.0, "monitor/held_out_distinct": 0.5},
+    ]
+    assert fired_monitors(records) == [
+        ["length", "2", "3", "2", "`! length x2.5`"],
+        ["kl/token", "2", "2", "1", "`! kl/token 0.4`"],
+        ["distinct", "2", "3", "2", "`! distinct x0.5`"],
+    ]
+    assert fired_monitors(records[:1]) == []
+    with pytest.raises(ValueError, match="no step logs both kl and score"):
+        plot_reward_vs_kl(tmp_path / "x.png", records)
