@@ -168,7 +168,7 @@ class EvalConfig:
     num_prompts: int = 32
     max_new_tokens: int = 64
     scorer: str | None = None
-    """A second reward spec scoring held-out completions (eval/scorer, eval/scorer_corr; docs/monitors.md)."""
+    """A second reward spec scoring held-out completions (eval/scorer, monitor/scorer_corr; docs/monitors.md)."""
 
 
 @dataclass(frozen=True)

@@ -52,11 +52,10 @@ def test_step_monitors_measure_drift_from_the_first_step():
     state = {}
     first = monitors.step_monitors(rollout([4, 2], [True, False]), None, state)
     assert first["monitor/length_drift"] == 1.0 and first["monitor/unfinished"] == 0.5
-    assert state["monitor_start"] == {"length": 3.0}
+    assert state["monitor_start"] == {"length": 3.0, "unfinished": 0.5}
     later = monitors.step_monitors(rollout([8, 8], [False, False]), None, state)
-    assert later["monitor/length_drift"] == pytest.approx(
-        8 / 3
-    )  # mean 8 over mean 3 and later["monitor/unfinished"] == 1.0
+    assert later["monitor/length_drift"] == pytest.approx(8 / 3)  # mean 8 over mean 3
+    assert later["monitor/unfinished"] == 1.0 and later["monitor/unfinished_rise"] == 0.5
     assert later["monitor/distinct_1"] == 1.0  # every token id differs in this fixture
 
 
@@ -68,9 +67,11 @@ def test_eval_monitors_count_collapse_and_correlate_the_second_scorer():
     later = monitors.eval_monitors(["a", "a ", "a", "d"], torch.tensor([1.0, 2, 3, 4]), second, state)
     assert later["eval/distinct"] == 2 and later["eval/distinct_frac"] == 0.5 and later["eval/top_count"] == 3
     assert later["monitor/held_out_distinct"] == 0.5 and later["eval/scorer"] == 2.5
-    assert later["eval/scorer_corr"] == pytest.approx(-1.0)
+    assert later["monitor/scorer_corr"] == pytest.approx(-1.0)
     flat = monitors.eval_monitors(["a"] * 3, torch.tensor([1.0, 2, 3]), [1.0, 1.0, 1.0], {})
-    assert flat["eval/scorer_corr"] == 0.0 and flat["eval/scorer"] == 1.0  # a constant scorer: no correlation
+    assert (
+        flat["monitor/scorer_corr"] == 0.0 and flat["eval/scorer"] == 1.0
+    )  # a constant scorer: no correlation
     # the held-out monitors ride along with the following steps
     step = monitors.step_monitors(rollout([2], [True]), None, state)
     assert step["monitor/held_out_distinct"] == 0.5 and step["monitor/scorer_corr"] == pytest.approx(-1.0)
@@ -78,16 +79,16 @@ def test_eval_monitors_count_collapse_and_correlate_the_second_scorer():
 
 def test_alarms_fire_past_their_thresholds_only():
     calm = {
-        "monitor/length_drift": 1.9, "monitor/repeat_4gram": 0.3, "monitor/unfinished": 0.5,
+        "monitor/length_drift": 1.9, "monitor/repeat_4gram": 0.3, "monitor/unfinished_rise": 0.3,
         "monitor/kl_per_token": 0.29, "monitor/held_out_distinct": 0.8, "monitor/scorer_corr": 0.0,
     }  # fmt: skip
     assert monitors.alarms(calm) == [] and monitors.alarms({}) == []
     wild = {
-        "monitor/length_drift": 2.6, "monitor/repeat_4gram": 0.5, "monitor/unfinished": 0.9,
+        "monitor/length_drift": 2.6, "monitor/repeat_4gram": 0.5, "monitor/unfinished_rise": 0.9,
         "monitor/kl_per_token": 1.2, "monitor/held_out_distinct": 0.6, "monitor/scorer_corr": -0.4,
     }  # fmt: skip
     assert monitors.alarms(wild) == [
-        "! length x2.6", "! repeat 0.5", "! unfinished 0.9", "! kl/token 1.2", "! distinct x0.6", "! scorer r -0.4"
+        "! length x2.6", "! repeat 0.5", "! unfinished +0.9", "! kl/token 1.2", "! distinct x0.6", "! scorer r -0.4"
     ]  # fmt: skip
     assert monitors.alarms({"monitor/length_drift": 0.4}) == ["! length x0.4"]
     text = Progress(10, keys=("reward",), enabled=False).describe({"reward": 1.0, **wild}, None)
@@ -115,7 +116,7 @@ def test_a_run_rewarded_for_short_completions_fires_the_length_monitor(tmp_path,
     assert steps[0]["monitor/length_drift"] == 1.0 and steps[-1]["monitor/length_drift"] < 0.5
     assert "! length x0.0" in capsys.readouterr().out  # step 10's progress line
     evals = [r for r in rows if "eval/distinct" in r]
-    assert [r["step"] for r in evals] == [0, 5, 10] and all("eval/scorer_corr" in r for r in evals)
+    assert [r["step"] for r in evals] == [0, 5, 10] and all("monitor/scorer_corr" in r for r in evals)
 
     report = write_training_report(summary, cfg).read_text()
     monitors_section = report[report.index("## Monitors") :]

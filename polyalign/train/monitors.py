@@ -23,7 +23,7 @@ class Thresholds:
     length_high: float = 2.0  # mean completion length over the first step's: above x2 ...
     length_low: float = 0.5  # ... or below x0.5
     repeat_4gram: float = 0.3  # fraction of a completion's 4-grams that already appeared in it
-    unfinished: float = 0.5  # fraction of completions that never reached EOS
+    unfinished_rise: float = 0.3  # fraction of completions without EOS over the first step's: above +0.3
     kl_per_token: float = 0.3  # nats per completion token, k1 against the reference
     held_out_distinct: float = 0.8  # distinct held-out completions over the first evaluation's
     scorer_corr: float = 0.0  # correlation of training reward and the second held-out scorer
@@ -55,13 +55,16 @@ def step_monitors(rollout: Rollout, ref_logprobs: torch.Tensor | None, state: di
     """The monitor/* keys of one training step; the held-out ones repeat the last evaluation's."""
     tokens = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
     length = float(rollout.completion_lengths.float().mean())
-    start = state.setdefault("monitor_start", {}).setdefault("length", max(length, 1e-9))
+    unfinished = float((~rollout.finished).float().mean())
+    first = {"length": max(length, 1e-9), "unfinished": unfinished}  # the first step's, kept from then on
+    start = state["monitor_start"] = first | state.get("monitor_start", {})
     return {
-        "monitor/length_drift": length / start,
+        "monitor/length_drift": length / start["length"],
         "monitor/distinct_1": distinct_n(tokens, 1),
         "monitor/distinct_2": distinct_n(tokens, 2),
         "monitor/repeat_4gram": repeated_ngram_rate(tokens, 4),
-        "monitor/unfinished": float((~rollout.finished).float().mean()),
+        "monitor/unfinished": unfinished,
+        "monitor/unfinished_rise": unfinished - start["unfinished"],
         "monitor/kl_per_token": kl_per_token(rollout.logprobs, ref_logprobs, rollout.completion_mask),
         **state.get("monitor_eval", {}),
     }
@@ -72,18 +75,14 @@ def eval_monitors(completions: list[str], scores: torch.Tensor, second, state: d
     most common one's count; with `second` (the eval.scorer's scores) its mean and its correlation with the
     training reward over the prompts. Keeps the held-out monitors in `state` for the steps that follow."""
     counts = Counter(c.strip() for c in completions)
-    start = state.setdefault("monitor_start", {}).setdefault("eval_distinct", max(len(counts), 1))
-    out = {
-        "eval/distinct": float(len(counts)),
-        "eval/distinct_frac": len(counts) / max(len(completions), 1),
-        "eval/top_count": float(max(counts.values(), default=0)),
-    }
-    state["monitor_eval"] = {"monitor/held_out_distinct": len(counts) / start}
+    start = state["monitor_start"] = {"eval_distinct": max(len(counts), 1)} | state.get("monitor_start", {})
+    n, top, total = len(counts), max(counts.values()), len(completions)
+    out = {"eval/distinct": float(n), "eval/distinct_frac": n / total, "eval/top_count": float(top)}
+    state["monitor_eval"] = {"monitor/held_out_distinct": n / start["eval_distinct"]}
     if second is not None:  # the correlation is 0 where either score is constant
         pair = torch.stack([scores.double(), torch.as_tensor(second, dtype=torch.double)])
-        corr = float(torch.corrcoef(pair)[0, 1].nan_to_num())
-        out |= {"eval/scorer": float(pair[1].mean()), "eval/scorer_corr": corr}
-        state["monitor_eval"]["monitor/scorer_corr"] = corr
+        state["monitor_eval"]["monitor/scorer_corr"] = float(torch.corrcoef(pair)[0, 1].nan_to_num())
+        out["eval/scorer"] = float(pair[1].mean())
     return out | state["monitor_eval"]
 
 
@@ -95,10 +94,10 @@ def alarms(metrics: dict, t: Thresholds = Thresholds()) -> list[str]:
     checks = (  # key, label, fires when
         ("length_drift", "length x", lambda v: not t.length_low <= v <= t.length_high),
         ("repeat_4gram", "repeat ", lambda v: v > t.repeat_4gram),
-        ("unfinished", "unfinished ", lambda v: v > t.unfinished),
+        ("unfinished_rise", "unfinished +", lambda v: v > t.unfinished_rise),
         ("kl_per_token", "kl/token ", lambda v: v > t.kl_per_token),
         ("held_out_distinct", "distinct x", lambda v: v < t.held_out_distinct),
         ("scorer_corr", "scorer r ", lambda v: v < t.scorer_corr),
     )
-    values = [(label, metrics.get(f"monitor/{key}"), fires) for key, label, fires in checks]
+    values = ((label, metrics.get(f"monitor/{key}"), fires) for key, label, fires in checks)
     return [f"! {label}{v:.2g}" for label, v, fires in values if v is not None and fires(v)]
