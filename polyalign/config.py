@@ -112,7 +112,7 @@ class RewardConfig:
 @dataclass(frozen=True)
 class AlgoConfig:
     name: Algorithm = "rloo"
-    kl_coef: float = 0.05
+    kl_coef: float = 0.2
     """beta in r - beta * log(pi/pi_ref). 0 disables the reference model."""
     kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
     """k1 (signed, the papers') | k2 | k3 | abs."""
@@ -146,7 +146,7 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 200
+    steps: int = 100
     """Rollout batches (online) to train on."""
     lr: float = 5e-5
     warmup_steps: int = 0
