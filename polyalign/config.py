@@ -183,7 +183,7 @@ class OutputConfig:
     progress: bool = True
     report: bool = True
     export: Literal["final", "best"] = "final"
-    """Offline runs' run_dir/model: final (the last step's weights) | best (the best held-out accuracy's)."""
+    """Offline runs: run_dir/model holds final (the last step's weights) | best (the best held-out accuracy's)."""
 
 
 @dataclass(frozen=True)

@@ -140,3 +140,17 @@ def test_fired_monitors_lists_each_monitor_with_its_steps(tmp_path):
     assert fired_monitors(records[:1]) == []
     with pytest.raises(ValueError, match="no step logs both kl and score"):
         plot_reward_vs_kl(tmp_path / "x.png", records)
+
+
+@pytest.mark.slow
+def test_the_quickstart_raises_the_reward_and_stays_diverse(tmp_path):
+    """The README's quickstart numbers: the held-out reward rises clearly, the held-out greedy completions stay
+    within 10% of the start's distinct count and no monitor fires. ~2 min on 2 CPU cores."""
+    run_dir = tmp_path / "quickstart"
+    train_online(load_config(None, [f"--output.run_dir={run_dir}", "--output.progress=false"]))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/distinct" in r]
+    assert [r["step"] for r in evals] == [0, 25, 50, 75, 100]
+    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"] + 2.0, evals
+    assert evals[-1]["eval/distinct"] >= 0.9 * evals[0]["eval/distinct"], evals
+    assert fired_monitors(records) == []
