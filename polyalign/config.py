@@ -168,7 +168,7 @@ class EvalConfig:
     num_prompts: int = 32
     max_new_tokens: int = 64
     scorer: str | None = None
-    """A second reward spec scoring held-out completions (eval/scorer, monitor/scorer_corr; docs/monitors.md)."""
+    """A second reward spec for held-out completions: eval/scorer, monitor/scorer_corr (docs/monitors.md)."""
 
 
 @dataclass(frozen=True)
@@ -178,12 +178,12 @@ class OutputConfig:
     keep_last: int = 2
     checkpoint_format: Literal["full", "sharded"] = "full"
     """full: weights (safetensors) + optimizer state, written by rank 0 (FSDP gathers them first) | sharded:
-    torch.distributed.checkpoint, each process writes its shards (for models too big to gather on one machine)."""
+    torch.distributed.checkpoint, each process writes its shards (for models too big to gather at once)."""
     sample_every: int = 25
     progress: bool = True
     report: bool = True
     export: Literal["final", "best"] = "final"
-    """Offline runs: run_dir/model holds final (the last step's weights) | best (the best held-out accuracy's)."""
+    """Offline runs: run_dir/model holds final (the last step's weights) | best (best held-out accuracy's)."""
 
 
 @dataclass(frozen=True)
