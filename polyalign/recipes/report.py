@@ -8,7 +8,8 @@ lazily so importing this module stays light.
 
 Training runs: `write_run_report` reads `metrics.jsonl` (written by `polyalign.train.logging.MetricsLogger`:
 one JSON object per line with a "step" field) and plots chosen keys against step.
-Knows nothing about trainers, algorithms, models or judges beyond the metrics file and the summary.
+Knows nothing about trainers, algorithms, models or judges beyond the metrics file and the summary (and, for the
+reward-hacking monitors it reports, their thresholds: `polyalign.train.monitors.alarms`).
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ def plot_reward_vs_kl(path: str | os.PathLike, records: Sequence[dict]) -> Path:
 
 MONITOR_KEYS = (
     "monitor/length_drift", "monitor/held_out_distinct", "monitor/distinct_2", "monitor/repeat_4gram",
-    "monitor/unfinished", "monitor/kl_per_token",
+    "monitor/unfinished", "monitor/kl_per_token", "monitor/scorer_corr",
 )  # fmt: skip
 
 
