@@ -112,7 +112,7 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 200
+    steps: int = 100
     """Rollout batches (online) to train on."""
     lr: float = 5e-5
     warmup_steps: int = 0
@@ -133,6 +133,8 @@ class EvalConfig:
     """Evaluate every N steps (and at the end); 0 = never."""
     num_prompts: int = 32
     max_new_tokens: int = 64
+    scorer: str | None = None
+    """A second reward spec for held-out completions: eval/scorer, monitor/scorer_corr (docs/monitors.md)."""
 
 
 @dataclass(frozen=True)
@@ -141,15 +143,13 @@ class OutputConfig:
     checkpoint_every: int = 25
     keep_last: int = 2
     checkpoint_format: Literal["full", "sharded"] = "full"
-    """full: full weights (safetensors) + optimizer state, written by rank 0 (FSDP gathers them first) |
-    sharded: torch.distributed.checkpoint, every process writes its own shards (no full copy anywhere: for
-    models too big to gather on one machine). Either kind resumes on any process count."""
+    """full: weights (safetensors) + optimizer state, written by rank 0 (FSDP gathers them first) | sharded:
+    torch.distributed.checkpoint, each process writes its shards (for models too big to gather at once)."""
     sample_every: int = 25
     progress: bool = True
     report: bool = True
     export: Literal["final", "best"] = "final"
-    """Offline runs: the weights run_dir/model holds: final (the last step's) | best (the checkpoint with the
-    best held-out accuracy; the final weights when there are no held-out pairs). The summary names the step."""
+    """Offline runs: run_dir/model holds final (the last step's weights) | best (best held-out accuracy's)."""
 
 
 @dataclass(frozen=True)

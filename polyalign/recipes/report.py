@@ -8,7 +8,8 @@ lazily so importing this module stays light.
 
 Training runs: `write_run_report` reads `metrics.jsonl` (written by `polyalign.train.logging.MetricsLogger`:
 one JSON object per line with a "step" field) and plots chosen keys against step.
-Knows nothing about trainers, algorithms, models or judges beyond the metrics file and the summary.
+Knows nothing about trainers, algorithms, models or judges beyond the metrics file and the summary (and, for the
+reward-hacking monitors it reports, their thresholds: `polyalign.train.monitors.alarms`).
 """
 
 from __future__ import annotations
@@ -265,6 +266,77 @@ def _offline_text(summary: dict, cfg) -> str:
     )
 
 
+def plot_reward_vs_kl(path: str | os.PathLike, records: Sequence[dict]) -> Path:
+    """The reward-KL frontier: each step's training score (before the KL term) against its KL, coloured by
+    step, with the held-out evaluations (eval/reward vs eval/kl) marked."""
+    points = [(r["step"], r["kl"], r["score"]) for r in records if {"kl", "score"} <= r.keys()]
+    evals = [
+        (r["eval/kl"], r["eval/reward"], r["step"]) for r in records if {"eval/kl", "eval/reward"} <= r.keys()
+    ]
+    if not points:
+        raise ValueError(f"plot_reward_vs_kl: no step logs both kl and score ({path})")
+
+    def draw(ax) -> bool:
+        steps, kl, score = zip(*points)
+        dots = ax.scatter(kl, score, c=steps, s=8, cmap="viridis", label="training step")
+        ax.figure.colorbar(dots, ax=ax, label="step")
+        for x, y, step in evals:
+            ax.scatter([x], [y], marker="*", s=120, color="red", edgecolors="black")
+            ax.annotate(str(step), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.scatter([], [], marker="*", s=120, color="red", label="held-out eval (step)")
+        ax.set_xlabel("KL to the reference (nats per completion)")
+        return True
+
+    return _save_plot(path, draw, "reward vs KL", "score", (6, 4), "both")
+
+
+MONITOR_KEYS = (
+    "monitor/length_drift", "monitor/held_out_distinct", "monitor/distinct_2", "monitor/repeat_4gram",
+    "monitor/unfinished", "monitor/kl_per_token", "monitor/scorer_corr",
+)  # fmt: skip
+
+
+def fired_monitors(records: Sequence[dict]) -> list[list[str]]:
+    """Rows (monitor, first step, last step, steps fired, the first warning) of the monitors that crossed
+    their thresholds (`polyalign.train.monitors.alarms`) at some logged step."""
+    from polyalign.train.monitors import alarms
+
+    fired: dict[str, tuple[list[int], str]] = {}
+    for record in records:
+        for text in alarms(record):
+            steps = fired.setdefault(text.split()[1], ([], text))[0]
+            steps += [] if steps and steps[-1] == record["step"] else [record["step"]]
+    return [[name, str(s[0]), str(s[-1]), str(len(s)), f"`{text}`"] for name, (s, text) in fired.items()]
+
+
+def _monitor_text(run_dir: Path, records: list[dict]) -> str:
+    """The online report's "Monitors" section: which reward-hacking monitors fired and when, and plots of the
+    monitors, of held-out evaluations over the training reward, and of reward against KL (docs/monitors.md)."""
+    plots, lines = run_dir / "plots", ["## Monitors", ""]
+    fired = fired_monitors(records)
+    if fired:
+        lines += ["| monitor | first step | last step | steps | first warning |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in fired] + [""]
+    else:
+        lines += ["No monitor crossed its threshold (docs/monitors.md).", ""]
+    names = {
+        "score": "training score",
+        "eval/reward": "held-out reward",
+        "eval/scorer": "held-out eval.scorer",
+    }
+    curves = {name: metric_series(records, key) for key, name in names.items()}
+    if curves["training score"]:
+        plot_series(plots / "held_out_over_training.png", curves, "held-out evals over the training score")
+        lines += ["![held-out evaluations over training](plots/held_out_over_training.png)", ""]
+        plot_reward_vs_kl(plots / "reward_vs_kl.png", records)
+        lines += ["![reward vs KL](plots/reward_vs_kl.png)", ""]
+    monitors = {k.removeprefix("monitor/"): metric_series(records, k) for k in MONITOR_KEYS}
+    if any(monitors.values()):
+        plot_series(plots / "monitors.png", monitors, "reward-hacking monitors", "ratio / fraction / nats")
+        lines.append("![monitors](plots/monitors.png)")
+    return "\n".join(lines) + "\n"
+
+
 def write_training_report(summary: dict, cfg) -> Path:
     """run_dir/report.md (and plots) for the summary that `train_online` / `train_offline` returned."""
     run_dir = Path(summary["run_dir"])
@@ -273,5 +345,9 @@ def write_training_report(summary: dict, cfg) -> Path:
         title, text = f"polyalign offline {cfg.loss.name} run", _offline_text(summary, cfg)
     else:
         keys, title = ("reward", "kl", "score", "length"), f"polyalign {cfg.algo.name} run"
-        text = _online_text(run_dir, cfg)
+        text = (
+            _online_text(run_dir, cfg)
+            + "\n\n"
+            + _monitor_text(run_dir, read_metrics(run_dir / "metrics.jsonl"))
+        )
     return write_run_report(run_dir, title=title, keys=keys, extra_markdown=text)

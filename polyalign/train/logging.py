@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from polyalign.files import atomic_write_text
+from polyalign.train.monitors import alarms
 
 METRICS, SAMPLES = "metrics.jsonl", "samples.jsonl"
 
@@ -210,14 +211,14 @@ class Progress:
             self._bar.start()
 
     def describe(self, metrics: dict[str, Any], s_per_step: float | None) -> str:
-        """The text shown next to the bar, e.g. 'reward 0.512 kl 0.031 s/step 1.20'."""
+        """The text shown next to the bar, e.g. 'reward 0.512 kl 0.031 s/step 1.20 ! length x2.6'."""
         parts = []
         for key in self.keys:
             if key in metrics and metrics[key] is not None:
                 parts.append(f"{_LABELS.get(key, key)} {float(metrics[key]):.4g}")
         if s_per_step is not None:
             parts.append(f"s/step {s_per_step:.3g}")
-        return " ".join(parts)
+        return " ".join(parts + alarms(metrics))  # reward-hacking monitors past their thresholds
 
     def update(self, step: int, metrics: dict[str, Any] | None = None) -> str:
         """Mark `step` (1-based count of finished steps) done; returns the description text."""

@@ -27,7 +27,7 @@ from polyalign.config import AlgoConfig, RewardConfig, RunConfig
 from polyalign.files import atomic_write_text
 from polyalign.logprobs import completion_logprobs
 from polyalign.rollout.mismatch import logprob_mismatch
-from polyalign.train import distributed, loop
+from polyalign.train import distributed, loop, monitors
 from polyalign.train.ppo import ppo_update
 from polyalign.train.run import Run, setup_run
 from polyalign.types import Rollout, Sampling
@@ -261,6 +261,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         "kl": scored.kl.mean(),
         "length": rollout.completion_lengths.float().mean(),
         "finished": rollout.finished.float().mean(),
+        **monitors.step_monitors(rollout, scored.ref_logprobs, run.state),  # reward-hacking signs
         **{f"reward/{k}": v.mean() for k, v in components.items()},
         **stats,
         "lr": run.optimizer.param_groups[0]["lr"],
@@ -312,6 +313,9 @@ def evaluate(run: Run, step: int) -> dict:
         "eval/kl": float(kl.mean()),
         "eval/length": float(lengths.mean()),
     }
+    columns = {k: v[: len(prompts)] for k, v in run.eval_prompts.columns.items()}  # every prompt's
+    second = monitors.scorer(cfg.eval.scorer)(prompts, completions, **columns) if cfg.eval.scorer else None
+    result.update(monitors.eval_monitors(completions, scores, second, run.state))
     run.logger.log(step, result)
     if world.is_main:
         samples = [
