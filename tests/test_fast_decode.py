@@ -97,12 +97,12 @@ def test_weight_updates_are_seen_immediately(tiny_llama):
     torch.testing.assert_close(after, expected, atol=model_atol(expected, tiny_llama.config), rtol=0)
 
 
-def test_select_and_repeat_rows_keep_the_right_cache(tiny_llama):
+def test_select_and_repeat_keep_the_right_cache(tiny_llama):
     ids, mask, positions = _batch(512, rows=2, width=10)
     with torch.inference_mode():
         fast = fast_llama.FastLlama(tiny_llama, rows=6, max_len=16)
         fast.forward(ids[:, :9], mask[:, :9], positions[:, :9])
-        fast.repeat_rows(3, 9)  # rows 0,1,2 <- prompt 0; rows 3,4,5 <- prompt 1
+        fast.repeat(3, 9)  # rows 0,1,2 <- prompt 0; rows 3,4,5 <- prompt 1
         fast.select(torch.tensor([1, 4]))
         got = fast.forward(ids[:, 9:], mask, positions[:, 9:])
         expected = tiny_llama(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]

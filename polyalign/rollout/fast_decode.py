@@ -2,9 +2,11 @@
 qwen2, qwen3, gemma2, gemma3 text, cohere, gpt-neox).
 
 Why: for small models the transformers forward spends most of a decode step in Python (mask building,
-cache bookkeeping, kwargs plumbing), not in matmuls. This module runs the same maths straight on the HF
-module's own parameters (no copies, so an optimizer step is visible at the next call) with a preallocated
-static KV cache and `torch.nn.functional.scaled_dot_product_attention`.
+cache bookkeeping, kwargs plumbing), not in matmuls. This module runs the same maths on the HF module's
+own parameters with a preallocated static KV cache and `torch.nn.functional.scaled_dot_product_attention`.
+On CPU the projections that share an input (q|k|v, gate|up) are copied side by side into one row-major
+matrix when a decoder is built (`Linears`); the engine builds one per generate(), so an optimizer step in
+between is seen. A one-token step can also run with static shapes (`forward(..., column)`, `static_decode`).
 
 The maths, per layer (x: (B, t, H), positions p), with the family's choices in brackets:
 
@@ -115,17 +117,10 @@ def attend(q, keys, values, mask, scale: float, softcap: float | None) -> torch.
     return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), values)
 
 
-def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    return F.linear(x, layer.weight, layer.bias)
-
-
 class Linears:
-    """Linear layers that read the same input, their outputs side by side (q|k|v, gate|up): y = x W^T + b.
-
-    With `pack` (CPU) their weights are copied once, when the decoder is built, into one (in, sum of outs)
-    row-major matrix: one larger matmul over contiguous rows instead of several over transposed ones (1.2-2x
-    faster for 16 rows). A missing bias packs as zeros (x + 0 = x exactly). Otherwise each runs as it is.
-    """
+    """Linear layers that read the same input, outputs side by side (q|k|v, gate|up): y = x W^T + b. With
+    `pack` (CPU) their weights are copied once into one (in, sum of outs) row-major matrix: one matmul over
+    contiguous rows, 1.2-2x faster for 16 rows than several x W^T. A missing bias packs as zeros (exact)."""
 
     def __init__(self, layers: list[nn.Linear], pack: bool) -> None:
         self.layers, self.sizes = layers, [m.out_features for m in layers]
@@ -133,13 +128,12 @@ class Linears:
         if pack:
             with torch.no_grad():
                 self.weight = torch.cat([m.weight for m in layers]).t().contiguous()
-                if any(m.bias is not None for m in layers):
-                    zeros = [m.weight.new_zeros(m.out_features) for m in layers]
-                    self.bias = torch.cat([z if m.bias is None else m.bias for m, z in zip(layers, zeros)])
+                biases = [m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in layers]
+                self.bias = torch.cat(biases) if any(m.bias is not None for m in layers) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
-            out = [_linear(x, m) for m in self.layers]
+            out = [F.linear(x, m.weight, m.bias) for m in self.layers]
             return out[0] if len(out) == 1 else torch.cat(out, -1)
         flat = x.reshape(-1, x.shape[-1])
         y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat, self.weight)
@@ -202,29 +196,34 @@ class FastDecoder:
         """Keep only the cache rows `keep` (finished rows leave the batch)."""
         self.k_cache, self.v_cache = self.k_cache[:, keep], self.v_cache[:, keep]
 
-    def repeat_rows(self, n: int, width: int) -> None:
+    def repeat(self, n: int, width: int) -> None:
         """Repeat each of the first rows n times (prefill once, sample n completions)."""
         rows = self.k_cache.shape[1] // n
         for cache in (self.k_cache, self.v_cache):
             cache[:, :, :, :width] = cache[:, :rows, :, :width].repeat_interleave(n, 1)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids, mask, positions, column: torch.Tensor | None = None) -> torch.Tensor:
         """Feed tokens ids (B, t) at `positions` (B, t); mask (B, S) covers every column so far (S = start + t).
 
         Writes their keys/values into cache slots [S - t, S) and returns next-token logits (B, V) of the last
         position. B may be smaller than the cache's rows (the first B rows are used).
+        Static shapes (CUDA-graph safe: no host sync, every shape fixed): with `column` (1,), a one-token
+        step writes slot `column` and mask (B, max_len) covers the whole cache (slots not written yet: 0).
         """
         t = ids.shape[1]
         end = mask.shape[1]
         if end > self.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache of {self.max_len}")
         attn_mask = self._attention_mask(mask.bool(), t)  # (B, 1, g*t or 1, S)
+        span = slice(end - t, end) if column is None else column
         angles = {kind: (cos[positions][:, None], sin[positions][:, None]) for kind, (cos, sin) in
                   self.rope_tables.items()}  # fmt: skip
         x = self.embed(ids)
         for i, block in enumerate(self.blocks):
-            x = self._layer(i, block, x, angles[self.layer_rope[i]], attn_mask, end - t, end)
+            x = self._layer(i, block, x, angles[self.layer_rope[i]], attn_mask, span, end)
         return self._logits(x[:, -1])
+
+    __call__ = forward  # the interface of `hf._CachedRunner`: call, select, repeat
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head_linear(self.norm(x, self.final_norm))
@@ -247,9 +246,9 @@ class FastDecoder:
         groups = self.n_heads // self.n_kv
         return allowed[:, None].repeat(1, 1, groups, 1)  # rows ordered (group, t), like the folded queries
 
-    def _layer(self, i, block: Block, x, angles, attn_mask, start, end) -> torch.Tensor:
+    def _layer(self, i, block: Block, x, angles, attn_mask, span, end) -> torch.Tensor:
         h = self.norm(x, block.attn_norm)
-        a = self._attention(i, block, h, angles, attn_mask, start, end)
+        a = self._attention(i, block, h, angles, attn_mask, span, end)
         if block.attn_out_norm is not None:
             a = self.norm(a, block.attn_out_norm)
         if self.parallel:
@@ -274,15 +273,18 @@ class FastDecoder:
         q, k, v = qkv(h).split(qkv.sizes, -1)
         return (x.view(batch, t, -1, self.head_dim) for x in (q, k, v))
 
-    def _attention(self, i, block: Block, h, angles, attn_mask, start, end) -> torch.Tensor:
+    def _attention(self, i, block: Block, h, angles, attn_mask, span, end) -> torch.Tensor:
         batch, t, _ = h.shape
         q, k, v = self._qkv(i, block, h)
         if block.q_norm is not None:
             q, k = self.norm(q, block.q_norm), self.norm(k, block.k_norm)
         cos, sin = angles
         q, k = (rope(x.transpose(1, 2), cos, sin, self.adjacent) for x in (q, k))
-        self.k_cache[i, :batch, :, start:end] = k
-        self.v_cache[i, :batch, :, start:end] = v.transpose(1, 2)
+        for cache, new in ((self.k_cache, k), (self.v_cache, v.transpose(1, 2))):
+            if isinstance(span, slice):
+                cache[i, :batch, :, span] = new
+            else:  # a slot held in a tensor
+                cache[i, :batch].index_copy_(2, span, new)
         keys, values = self.k_cache[i, :batch, :, :end], self.v_cache[i, :batch, :, :end]
         groups = self.n_heads // self.n_kv
         q = q.reshape(batch, self.n_kv, groups * t, self.head_dim)  # heads h = j * g + r share KV head j
