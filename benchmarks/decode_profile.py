@@ -47,14 +47,15 @@ def timed_generate(engine, prompts, tokens: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(size: str, repeats: int, profile: bool) -> dict:
+def measure(size: str, repeats: int, profile: bool, static: bool | None) -> dict:
     import torch
 
     from polyalign.rollout.hf import HFEngine
 
     model, tokenizer = wl.build_model(size, verbose=False), wl.build_tokenizer()
     prompts = wl.rloo_prompts(wl.PROMPTS_PER_STEP, tokenizer=tokenizer)
-    engine = HFEngine(model, tokenizer, add_special_tokens=False)
+    options = {} if static is None else {"static_decode": static}  # older checkouts lack the option
+    engine = HFEngine(model, tokenizer, add_special_tokens=False, **options)
     timed_generate(engine, prompts, 8, 0)  # warm-up
     full = [timed_generate(engine, prompts, wl.MAX_NEW_TOKENS, i) for i in range(repeats)]
     one = [timed_generate(engine, prompts, 1, i) for i in range(repeats)]
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=wl.NUM_THREADS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one generate")
+    parser.add_argument("--static", type=int, default=None, help="HFEngine static_decode (1 / 0)")
     args = parser.parse_args()
     import torch
 
@@ -91,7 +93,7 @@ def main() -> None:
     print(f"polyalign from {Path(polyalign.__file__).parent}; threads {args.threads}; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; load {os.getloadavg()[0]:.2f}")  # fmt: skip
     for size in ("tiny", "small") if args.size == "both" else (args.size,):
-        r = measure(size, args.repeats, args.profile)
+        r = measure(size, args.repeats, args.profile, None if args.static is None else bool(args.static))
         floor_ms = 1000 * r["weight_mb"] * 1e6 / bandwidth
         print(f"{size}: generate {r['generate_s']:.3f} s, prefill+1 {r['prefill_s']:.3f} s, decode step "
               f"{r['decode_step_ms']:.2f} ms, weights {r['weight_mb']:.1f} MB, weight-read floor "
