@@ -92,22 +92,6 @@ def test_logits_equal_hf_prefill_and_each_decode_step(name):
     assert scale > 1  # the comparison is not between two near-zero tensors
 
 
-def _unpacked(fast):
-    """The projections as they run off CPU: each nn.Linear on its own weights, outputs concatenated."""
-    for group in [g for layer in fast.linears for g in layer.values()] + [fast.head_linear]:
-        group.weight = group.bias = None
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_unpacked_projections_equal_hf(name):
-    """CPU packs q|k|v and gate|up into one matrix each; other devices run the layers as they are (the
-    path CUDA takes): the same logits either way."""
-    model = family_models()[name]()
-    assert fast_decode.FastDecoder(model, 1, 4).linears[0]["qkv"].weight is not None  # CPU: packed
-    error, atol, _ = max_error(model, _unpacked)
-    assert error <= min(atol, 1e-5)
-
-
 def _drop_qk_norms(fast):
     for block in fast.blocks:
         block.q_norm = block.k_norm = None

@@ -1,7 +1,7 @@
 """The static-shape decode loop (`rollout.static_decode`, the form captured as a CUDA graph on GPU) run eagerly
 on CPU: the same tokens, masks and finished flags as the dynamic loop, and log-probs within `model_atol`,
 for every family the fast path runs, greedy and sampled, with rows finishing at EOS; stop strings and the
-HF path keep the dynamic loop; packed (fused) weights follow the model between generate() calls."""
+HF path keep the dynamic loop; weight changes between generate() calls are seen."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_stop_strings_and_default_stay_dynamic(stories, monkeypatch):
 
 @pytest.mark.parametrize("static", [False, True])
 def test_weight_change_between_generate_calls_is_seen(stories, tiny_llama, static):
-    """The packed q|k|v and gate|up copies are rebuilt per call: an optimizer step in between is seen."""
+    """The decoder reads the model's own weights at every call: an optimizer step in between is seen."""
     engine, sampling = (
         HFEngine(tiny_llama, stories[1], static_decode=static),
         Sampling(max_new_tokens=6, seed=2),

@@ -2,11 +2,10 @@
 qwen2, qwen3, gemma2, gemma3 text, cohere, gpt-neox).
 
 Why: for small models the transformers forward spends most of a decode step in Python (mask building,
-cache bookkeeping, kwargs plumbing), not in matmuls. This module runs the same maths on the HF module's
-own parameters with a preallocated static KV cache and `torch.nn.functional.scaled_dot_product_attention`.
-On CPU the projections that share an input (q|k|v, gate|up) are copied side by side into one row-major
-matrix when a decoder is built (`Linears`); the engine builds one per generate(), so an optimizer step in
-between is seen. A one-token step can also run with static shapes (`forward(..., column)`, `static_decode`).
+cache bookkeeping, kwargs plumbing), not in matmuls. This module runs the same maths straight on the HF
+module's own parameters (no copies, so an optimizer step is visible at the next call) with a preallocated
+static KV cache and `torch.nn.functional.scaled_dot_product_attention`. A one-token step can also run with
+static shapes, the form a CUDA graph captures (`forward(..., column)`, used by `static_decode`).
 
 The maths, per layer (x: (B, t, H), positions p), with the family's choices in brackets:
 
@@ -117,27 +116,8 @@ def attend(q, keys, values, mask, scale: float, softcap: float | None) -> torch.
     return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), values)
 
 
-class Linears:
-    """Linear layers that read the same input, outputs side by side (q|k|v, gate|up): y = x W^T + b. With
-    `pack` (CPU) their weights are copied once into one (in, sum of outs) row-major matrix: one matmul over
-    contiguous rows, 1.2-2x faster for 16 rows than several x W^T. A missing bias packs as zeros (exact)."""
-
-    def __init__(self, layers: list[nn.Linear], pack: bool) -> None:
-        self.layers, self.sizes = layers, [m.out_features for m in layers]
-        self.weight = self.bias = None
-        if pack:
-            with torch.no_grad():
-                self.weight = torch.cat([m.weight for m in layers]).t().contiguous()
-                biases = [m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in layers]
-                self.bias = torch.cat(biases) if any(m.bias is not None for m in layers) else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
-            out = [F.linear(x, m.weight, m.bias) for m in self.layers]
-            return out[0] if len(out) == 1 else torch.cat(out, -1)
-        flat = x.reshape(-1, x.shape[-1])
-        y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat, self.weight)
-        return y.view(*x.shape[:-1], -1)
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return F.linear(x, layer.weight, layer.bias)
 
 
 def _config_value(config, key: str | None):
@@ -158,9 +138,6 @@ class FastDecoder:
         self.model, self.family = model, family
         self.embed, self.head = backbone.get_input_embeddings(), model.get_output_embeddings()
         self.blocks: list[Block] = [family.block(layer) for layer in backbone.layers]
-        pack = self.embed.weight.device.type == "cpu"
-        self.linears = [_layer_linears(block, pack) for block in self.blocks]
-        self.head_linear = Linears([self.head], pack)
         self.final_norm, self.norm = getattr(backbone, family.final_norm), NORMS[family.norm]
         self.parallel, self.act = family.parallel(config), ACT2FN[getattr(config, family.act_key)]
         self.n_heads = config.num_attention_heads
@@ -226,7 +203,7 @@ class FastDecoder:
     __call__ = forward  # the interface of `hf._CachedRunner`: call, select, repeat
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head_linear(self.norm(x, self.final_norm))
+        logits = _linear(self.norm(x, self.final_norm), self.head)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         if self.logit_scale is not None:
@@ -252,30 +229,27 @@ class FastDecoder:
         if block.attn_out_norm is not None:
             a = self.norm(a, block.attn_out_norm)
         if self.parallel:
-            return x + a + self._mlp(i, h if block.mlp_norm is None else self.norm(x, block.mlp_norm))
+            return x + a + self._mlp(block, h if block.mlp_norm is None else self.norm(x, block.mlp_norm))
         x = x + a
-        m = self._mlp(i, self.norm(x, block.mlp_norm))
+        m = self._mlp(block, self.norm(x, block.mlp_norm))
         return x + (m if block.mlp_out_norm is None else self.norm(m, block.mlp_out_norm))
 
-    def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        mlp_in, down = self.linears[i]["mlp_in"], self.linears[i]["down"]
-        if len(mlp_in.sizes) == 1:
-            return down(self.act(mlp_in(h)))
-        gate, up = mlp_in(h).split(mlp_in.sizes, -1)
-        return down(self.act(gate) * up)
+    def _mlp(self, block: Block, h: torch.Tensor) -> torch.Tensor:
+        if block.gate is None:
+            return _linear(self.act(_linear(h, block.up)), block.down)
+        return _linear(self.act(_linear(h, block.gate)) * _linear(h, block.up), block.down)
 
-    def _qkv(self, i: int, block: Block, h: torch.Tensor):
+    def _qkv(self, block: Block, h: torch.Tensor):
         """q (B, t, heads, d), k and v (B, t, n_kv, d)."""
         batch, t, _ = h.shape
-        qkv = self.linears[i]["qkv"]
         if block.qkv is not None:  # gpt-neox: per head [q | k | v]
-            return qkv(h).view(batch, t, self.n_heads, -1).chunk(3, -1)
-        q, k, v = qkv(h).split(qkv.sizes, -1)
-        return (x.view(batch, t, -1, self.head_dim) for x in (q, k, v))
+            return _linear(h, block.qkv).view(batch, t, self.n_heads, -1).chunk(3, -1)
+        k, v = (_linear(h, m).view(batch, t, self.n_kv, -1) for m in (block.k, block.v))
+        return _linear(h, block.q).view(batch, t, self.n_heads, -1), k, v
 
     def _attention(self, i, block: Block, h, angles, attn_mask, span, end) -> torch.Tensor:
         batch, t, _ = h.shape
-        q, k, v = self._qkv(i, block, h)
+        q, k, v = self._qkv(block, h)
         if block.q_norm is not None:
             q, k = self.norm(q, block.q_norm), self.norm(k, block.k_norm)
         cos, sin = angles
@@ -290,12 +264,4 @@ class FastDecoder:
         q = q.reshape(batch, self.n_kv, groups * t, self.head_dim)  # heads h = j * g + r share KV head j
         out = attend(q, keys, values, attn_mask, self.scale, self.attn_softcap)
         out = out.view(batch, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(batch, t, -1)
-        return self.linears[i]["o"](out)
-
-
-def _layer_linears(block: Block, pack: bool) -> dict[str, Linears]:
-    """A layer's projections grouped by input: q|k|v (or gpt-neox's fused qkv), o, gate|up (or up), down."""
-    qkv = [block.qkv] if block.qkv is not None else [block.q, block.k, block.v]
-    mlp_in = [block.up] if block.gate is None else [block.gate, block.up]
-    groups = dict(qkv=qkv, o=[block.o], mlp_in=mlp_in, down=[block.down])
-    return {name: Linears(layers, pack) for name, layers in groups.items()}
+        return _linear(out, block.o)
