@@ -121,7 +121,8 @@ def _mkl_packs(layers: list[nn.Linear], rows: int) -> dict[int, torch.Tensor]:
     kernel inductor's CPU freezing uses); decode steps read it instead (2-3 ms less per 16-row step of
     a 28M model, 2 threads). Packed per decoder, i.e. per generate(), so an optimizer step in between is seen."""
     weight = layers[0].weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkl.is_available():
+    usable = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not usable:  # private ops: guarded
         return {}
     with torch.no_grad():
         return {id(m): torch.ops.mkl._mkl_reorder_linear_weight(m.weight, rows) for m in layers}
