@@ -1,19 +1,22 @@
-"""The GPU check of the vLLM rollout engine, in one run on a lent GPU (H100/H200), under about 8 minutes.
+"""The GPU check of the rollout engines, in one run on a lent GPU (H100/H200), under about 8 minutes.
 
-    pip install -e '.[vllm]'          # beforehand, on the GPU machine (this script installs nothing)
-    python scripts/gpu_check.py       # results under $OUT if set, else ./gpu_results
-    python scripts/gpu_check.py --cpu # a dry run of everything that does not need vLLM, tiny, on CPU
+    python scripts/gpu_check.py             # results under $OUT if set, else ./gpu_results
+    python scripts/gpu_check.py --cpu-smoke # everything but vLLM, tiny shapes, on CPU (tests/ runs it)
+
+vLLM is optional: `pip install -e '.[vllm]'` beforehand adds its stages; without it they are reported as
+"skipped (vllm not installed)" and the rest runs. This script installs nothing.
 
 Stages, in order of importance, each in its own process (one failure or crash does not stop the rest, and
 every vLLM engine starts clean) and each under a time limit within an overall budget:
 1. device: torch / CUDA / vLLM / transformers versions and the GPU.
-2. pytest -m gpu tests/test_vllm.py: the engine's contract, seeds and split independence, log-probs against
-   the trainer's, weights pushed after an optimizer step.
-3. probe: HF engine vs vLLM engine on the same prompts (builtin:stories, k=4, 64 and 256 new tokens):
-   completion tokens per second; and the log-prob mismatch of each engine against the trainer's forward in
-   the model's dtype and in float32. On stories260K (bf16, fp32) and on a random-init ~280M-parameter Llama
-   built locally (bf16, with CUDA graphs).
-4. train: wall-clock of bf16 RLOO steps (polyalign.train.online) with each engine on the ~280M Llama.
+2. pytest -m gpu tests/test_gpu_decode.py: the CUDA-graph decode equals the eager one (float32, bfloat16).
+3. speed: completion tokens per second of transformers' `model.generate` against `HFEngine` eager (the
+   dynamic loop) and graphed (static shapes, one CUDA graph per step) at 64 and 256 rows, on random-init
+   ~0.5B-shaped Llama and Qwen2 models in bfloat16; and the engine/trainer log-prob mismatch
+   (`polyalign.rollout.mismatch`) against the trainer's forward in bfloat16 and in float32.
+4. train: bf16 RLOO steps (polyalign.train.online) with the HF engine, graphed and eager.
+5. vLLM (when installed): pytest -m gpu tests/test_vllm.py; HF engine vs vLLM engine on stories260K and the
+   Llama (tokens/s, log-prob mismatch); RLOO steps with the vLLM engine.
 Writes results.json, results.md (tables) and stages.tar.gz (one log and JSON per stage).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -37,14 +41,20 @@ sys.path.insert(0, str(ROOT))
 
 # (stage, its arguments, time limit in seconds); on CPU the same stages run tiny and without vLLM.
 PLAN = [
-    ("pytest", [], 170),
+    ("pytest", ["--tests=gpu_decode"], 120),
+    ("speed", ["--model=llama"], 90),
+    ("speed", ["--model=qwen2"], 90),
+    ("train", ["--engine=hf"], 70),
+    ("train", ["--engine=hf-eager"], 60),
+    ("pytest", ["--tests=vllm"], 170),
     ("probe", ["--model=stories", "--dtype=bfloat16", "--speed=1", "--eager=1"], 80),
     ("probe", ["--model=big", "--dtype=bfloat16", "--speed=1", "--eager=0"], 160),
-    ("probe", ["--model=stories", "--dtype=float32", "--speed=0", "--eager=1"], 60),
-    ("train", ["--engine=hf"], 70),
     ("train", ["--engine=vllm"], 110),
+    ("probe", ["--model=stories", "--dtype=float32", "--speed=0", "--eager=1"], 60),
     ("probe", ["--model=big", "--dtype=float32", "--speed=0", "--eager=1"], 80),
 ]
+NEEDS_VLLM = ("pytest_vllm", "probe", "train_vllm")  # stage labels (prefixes) that need vLLM
+NOT_ON_CPU = ("pytest", "probe", "train_hf-eager")  # GPU-only or vLLM-only: a CPU smoke run skips them
 BIG = dict(  # ~280M parameters; the stories260K tokenizer's vocabulary, so every sampled id decodes
     hidden_size=1024,
     intermediate_size=2816,
@@ -66,6 +76,10 @@ TINY = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
 )
+QWEN2 = dict(  # Qwen2-0.5B's layers (GQA 14/2, q/k/v biases), the stories260K vocabulary
+    BIG, hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2
+)
+QWEN2_TINY = dict(TINY, num_attention_heads=4, num_key_value_heads=1)
 
 
 # ---------------------------------------------------------------- helpers used inside stages
@@ -79,9 +93,10 @@ def _sync(device: str) -> None:
 
 
 def _model(name: str, dtype: str, device: str, cpu: bool):
-    """(policy, tokenizer, vLLM attention backend) for `stories` or the locally built `big` Llama."""
+    """(policy, tokenizer, vLLM attention backend) for `stories` or a locally built random-init model:
+    `big` / `llama` (the Llama) or `qwen2`."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from polyalign.models import DTYPES, load_policy, load_tokenizer
 
@@ -89,8 +104,32 @@ def _model(name: str, dtype: str, device: str, cpu: bool):
         policy, tokenizer = load_policy("stories260K", dtype=dtype, device=device)
         return policy.eval(), tokenizer, os.environ.get("POLYALIGN_VLLM_TEST_BACKEND", "FLEX_ATTENTION")
     torch.manual_seed(0)
-    policy = LlamaForCausalLM(LlamaConfig(**(TINY if cpu else BIG))).to(DTYPES[dtype]).to(device)
-    return policy.eval(), load_tokenizer("stories260K"), ""
+    if name == "qwen2":
+        policy = Qwen2ForCausalLM(Qwen2Config(**(QWEN2_TINY if cpu else QWEN2)))
+    else:
+        policy = LlamaForCausalLM(LlamaConfig(**(TINY if cpu else BIG)))
+    return policy.to(DTYPES[dtype]).to(device).eval(), load_tokenizer("stories260K"), ""
+
+
+def _hf_generate(policy, tokenizer, prompts: list[str], n: int, tokens: int, device: str) -> dict:
+    """transformers' own `model.generate` (sampling at temperature 1, no top-k): completion tokens per
+    second, counting each row up to its first EOS."""
+    import torch
+
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = policy.generate(
+            **batch, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=tokens,
+            num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    _sync(device)
+    seconds = time.perf_counter() - start
+    new = out[:, batch["input_ids"].shape[1] :]
+    eos = new == policy.config.eos_token_id
+    generated = int((eos.long().cumsum(1) - eos.long() == 0).sum())  # tokens up to the first EOS
+    return {"seconds": round(seconds, 3), "tokens": generated, "tokens_per_s": round(generated / seconds, 1)}
 
 
 def _timed(engine, prompts: list[str], n: int, tokens: int, device: str) -> dict:
@@ -147,18 +186,8 @@ def stage_device(args) -> dict:
 
 
 def stage_pytest(args) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-m",
-        "gpu",
-        "tests/test_vllm.py",
-        "-q",
-        "-rA",
-        "-p",
-        "no:cacheprovider",
-    ]
+    test_file = f"tests/test_{args.tests}.py"
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", test_file, "-q", "-rA", "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     print(proc.stdout[-20000:], proc.stderr[-5000:])
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -203,6 +232,44 @@ def stage_probe(args) -> dict:
     return result
 
 
+def stage_speed(args) -> dict:
+    """model.generate vs HFEngine eager vs graphed, completion tokens/s at 64 and 256 rows (4 per prompt);
+    then the graphed engine's log-prob mismatch against the trainer's forward (bf16 and float32)."""
+    import torch
+
+    from polyalign.data.prompts import load_prompts
+    from polyalign.rollout.hf import HFEngine
+
+    device = "cpu" if args.cpu else "cuda"
+    policy, tokenizer, _ = _model(args.model, "float32" if args.cpu else "bfloat16", device, args.cpu)
+    prompts = load_prompts("builtin:stories").prompts
+    tokens, row_counts = (8, (8, 16)) if args.cpu else (128, (64, 256))
+    engines = {
+        "engine_eager": HFEngine(policy, tokenizer, static_decode=False),
+        "engine_graph": HFEngine(policy, tokenizer, static_decode=True),
+    }
+    result: dict = {"model": args.model, "parameters": sum(p.numel() for p in policy.parameters())}
+    result["dtype"], result["new_tokens"] = str(policy.dtype).removeprefix("torch."), tokens
+    for engine in engines.values():
+        _timed(engine, prompts[:2], 2, 8, device)  # warm-up (kernels, allocator)
+    _hf_generate(policy, tokenizer, prompts[:2], 2, 8, device)
+    for rows in row_counts:
+        batch = prompts[: rows // 4]
+        speeds = {"hf_generate": _hf_generate(policy, tokenizer, batch, 4, tokens, device)}
+        speeds |= {name: _timed(engine, batch, 4, tokens, device) for name, engine in engines.items()}
+        result[f"rows_{rows}"] = speeds
+        print(rows, speeds, flush=True)
+    reference = policy if args.cpu else copy.deepcopy(policy).float()
+    result["mismatch_engine_graph"] = _mismatch(
+        engines["engine_graph"], policy, reference, prompts[: 2 if args.cpu else 16]
+    )
+    print(result["mismatch_engine_graph"], flush=True)
+    del reference
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
 def stage_train(args) -> dict:
     from polyalign.config import load_config
     from polyalign.train.online import train_online
@@ -213,12 +280,12 @@ def stage_train(args) -> dict:
         policy.save_pretrained(f"{tmp}/policy")
         tokenizer.save_pretrained(f"{tmp}/policy")
         del policy
-        steps = 1 if args.cpu else 3
+        steps = 1 if args.cpu else 4
         overrides = [
             f"--model.policy={tmp}/policy",
             f"--model.dtype={'float32' if args.cpu else 'bfloat16'}",
             f"--model.device={device}",
-            f"--rollout.engine={args.engine}",
+            f"--rollout.engine={args.engine.removesuffix('-eager')}",
             f"--rollout.prompts_per_step={2 if args.cpu else 16}",
             "--rollout.samples_per_prompt=4",
             f"--rollout.max_new_tokens={8 if args.cpu else 128}",
@@ -233,6 +300,8 @@ def stage_train(args) -> dict:
             "--output.sample_every=0",
             "--output.checkpoint_every=0",
         ]
+        if args.engine == "hf-eager":  # the dynamic loop instead of the CUDA graph
+            os.environ["POLYALIGN_STATIC_DECODE"] = "0"
         start = time.perf_counter()
         train_online(load_config(None, overrides))
         total = time.perf_counter() - start
@@ -241,10 +310,23 @@ def stage_train(args) -> dict:
     steps_out = [
         {k: round(v, 4) for k, v in rec.items() if k in keep or k.startswith("mismatch/")} for rec in records
     ]
-    return {"engine": args.engine, "steps": steps_out, "total_with_setup_s": round(total, 1)}
+    timed = [r["time/step"] for r in records[1:]] or [r["time/step"] for r in records]  # first: warm-up
+    steps_per_s = round(len(timed) / sum(timed), 3)
+    return {
+        "engine": args.engine,
+        "steps": steps_out,
+        "steps_per_s": steps_per_s,
+        "total_with_setup_s": round(total, 1),
+    }
 
 
-STAGES = {"device": stage_device, "pytest": stage_pytest, "probe": stage_probe, "train": stage_train}
+STAGES = {
+    "device": stage_device,
+    "pytest": stage_pytest,
+    "speed": stage_speed,
+    "probe": stage_probe,
+    "train": stage_train,
+}
 
 
 # ---------------------------------------------------------------- the driver
@@ -259,11 +341,15 @@ def _run_stage(name: str, extra: list[str], limit: float, out: Path, cpu: bool) 
     print(f"\n=== {label} (limit {limit:.0f}s)", flush=True)
     start = time.perf_counter()
     with open(out / f"{label}.log", "w") as log:
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
-            status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-        except subprocess.TimeoutExpired:
-            status = f"timed out after {limit:.0f}s"
+        if cpu:  # the smoke run: in this process (one import of torch), no time limit
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                status = "ok" if _run_here(_parser().parse_args(cmd[2:])) == 0 else "failed"
+        else:
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
+                status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+            except subprocess.TimeoutExpired:
+                status = f"timed out after {limit:.0f}s"
     seconds = round(time.perf_counter() - start, 1)
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
     tail = (out / f"{label}.log").read_text()[-1500:]
@@ -276,9 +362,21 @@ def _run_stage(name: str, extra: list[str], limit: float, out: Path, cpu: bool) 
 
 
 def _markdown(results: dict) -> str:
-    lines = ["# vLLM engine GPU check", "", f"device: `{json.dumps(results.get('device', {}))}`", ""]
+    lines = ["# Rollout engines GPU check", "", f"device: `{json.dumps(results.get('device', {}))}`", ""]
     lines += ["| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in results["stages"]]
+    lines += ["", "## HF generate vs HFEngine (completion tokens/s, 4 per prompt)", ""]
+    lines += ["| model | dtype | rows | new tokens | HF generate | engine eager | engine graph | graph/HF |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for s in results["stages"]:
+        r = s["result"]
+        for rows in [k for k in r if k.startswith("rows_")] if s["stage"].startswith("speed") else []:
+            speed = {name: v["tokens_per_s"] for name, v in r[rows].items()}
+            ratio = speed["engine_graph"] / max(speed["hf_generate"], 1e-9)
+            lines.append(
+                f"| {r['model']} | {r['dtype']} | {rows[5:]} | {r['new_tokens']} | {speed['hf_generate']} | "
+                f"{speed['engine_eager']} | {speed['engine_graph']} | {ratio:.2f} |"
+            )
     lines += [
         "",
         "## Speed (completion tokens/s, k=4)",
@@ -300,24 +398,28 @@ def _markdown(results: dict) -> str:
     ]
     lines += ["", "| model | dtype | sampler | trainer | mean abs | max abs | seq log-ratio | frac>1 |"]
     lines += ["|---|---|---|---|---|---|---|---|"]
-    for p in probes:
-        for sampler in ("hf", "vllm"):
+    speeds = [dict(s["result"], model=f"{s['result']['model']} (graph)") for s in results["stages"]
+              if s["stage"].startswith("speed") and s["result"]]  # fmt: skip
+    for p in probes + speeds:
+        for sampler in ("hf", "vllm", "engine_graph"):
             for trainer, m in p.get(f"mismatch_{sampler}", {}).items():
                 values = " | ".join(str(m[k]) for k in sorted(m, key=_MISMATCH_ORDER.index))
                 lines.append(f"| {p['model']} | {p['dtype']} | {sampler} | {trainer} | {values} |")
     lines += [
         "",
-        "## RLOO steps (bf16, ~280M Llama): seconds per step",
+        "## RLOO steps (bf16, the Llama): seconds per step",
         "",
-        "| engine | steps |",
-        "|---|---|",
+        "| engine | steps/s (after the first) | steps |",
+        "|---|---|---|",
     ]
     for s in results["stages"]:
         if s["stage"].startswith("train") and s["result"]:
             steps = [
                 f"gen {r.get('time/generate')} / upd {r.get('time/update')}" for r in s["result"]["steps"]
             ]
-            lines.append(f"| {s['result']['engine']} | {'; '.join(steps)} |")
+            lines.append(
+                f"| {s['result']['engine']} | {s['result'].get('steps_per_s')} | {'; '.join(steps)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -343,40 +445,51 @@ def drive(cpu: bool, budget: float, out: Path) -> dict:
     deadline = time.time() + budget
     results: dict = {"cpu_dry_run": cpu, "device": stage_device(None), "stages": []}
     print(json.dumps(results["device"]), flush=True)
+    has_vllm = importlib.util.find_spec("vllm") is not None
     for name, extra, limit in PLAN:
-        if name == "train" and cpu and "--engine=vllm" in extra:
-            continue
+        label = "_".join([name] + [a.split("=")[1] for a in extra])
         remaining = deadline - time.time()
-        if remaining < 30:
-            results["stages"].append(
-                {"stage": name, "status": "skipped (budget)", "seconds": 0, "result": {}}
-            )
+        skip = None
+        if cpu and label.startswith(NOT_ON_CPU):
+            skip = "skipped (needs a GPU)"
+        elif label.startswith(NEEDS_VLLM) and (cpu or not has_vllm):
+            skip = "skipped (vllm not installed)" if not has_vllm else "skipped (needs a GPU)"
+        elif remaining < 30:
+            skip = "skipped (budget)"
+        if skip:
+            print(f"--- {label}: {skip}", flush=True)
+            results["stages"].append({"stage": label, "status": skip, "seconds": 0, "result": {}})
             continue
         results["stages"].append(_run_stage(name, extra, min(limit, remaining), work, cpu))
         (out / "results.json").write_text(json.dumps(results, indent=1))
         (out / "results.md").write_text(_markdown(results))
         _pack(work, out)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(_markdown(results))
     print("\n" + _markdown(results), flush=True)
     return results
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cpu", action="store_true", help="dry run on CPU: tiny sizes, no vLLM")
+    parser.add_argument(
+        "--cpu-smoke", "--cpu", dest="cpu", action="store_true", help="on CPU: tiny sizes, no vLLM, no pytest"
+    )
     parser.add_argument("--budget", type=float, default=460, help="seconds for all stages together")
     parser.add_argument("--out", default=None, help="results folder (default: $OUT, else ./gpu_results)")
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    for option in ("--model", "--dtype", "--engine"):
+    for option in ("--model", "--dtype", "--engine", "--tests"):
         parser.add_argument(option, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--speed", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--eager", type=int, default=1, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.stage is None:
-        drive(args.cpu, args.budget, Path(args.out or os.environ.get("OUT") or "gpu_results"))
-        return
+    return parser
+
+
+def _run_here(args) -> int:
+    """Run one stage in this process and write its JSON; 0 when it succeeded."""
     import torch
 
     torch.set_num_threads(1 if args.cpu else 8)
@@ -384,8 +497,17 @@ def main() -> None:
         result = STAGES[args.stage](args)
     except Exception:
         traceback.print_exc()
-        sys.exit(1)
+        return 1
     Path(args.result).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.stage is None:
+        drive(args.cpu, args.budget, Path(args.out or os.environ.get("OUT") or "gpu_results"))
+        return
+    sys.exit(_run_here(args))
 
 
 if __name__ == "__main__":

@@ -97,12 +97,12 @@ def test_weight_updates_are_seen_immediately(tiny_llama):
     torch.testing.assert_close(after, expected, atol=model_atol(expected, tiny_llama.config), rtol=0)
 
 
-def test_select_and_repeat_rows_keep_the_right_cache(tiny_llama):
+def test_select_and_repeat_keep_the_right_cache(tiny_llama):
     ids, mask, positions = _batch(512, rows=2, width=10)
     with torch.inference_mode():
         fast = fast_llama.FastLlama(tiny_llama, rows=6, max_len=16)
         fast.forward(ids[:, :9], mask[:, :9], positions[:, :9])
-        fast.repeat_rows(3, 9)  # rows 0,1,2 <- prompt 0; rows 3,4,5 <- prompt 1
+        fast.repeat(3, 9)  # rows 0,1,2 <- prompt 0; rows 3,4,5 <- prompt 1
         fast.select(torch.tensor([1, 4]))
         got = fast.forward(ids[:, 9:], mask, positions[:, 9:])
         expected = tiny_llama(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
@@ -183,3 +183,19 @@ def test_selective_log_softmax_value_and_gradient_match_autograd():
     )
     with torch.inference_mode():
         torch.testing.assert_close(selective_log_softmax(logits.detach(), index), expected.detach())
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="needs a torch built with MKL")
+def test_mkl_packed_weights_give_the_same_logits(tiny_llama):
+    """CPU float32: decode steps of the decoder's row count read MKL-packed copies of the weights; prefill
+    (another row count) and a decoder without packs read the weights themselves: the same logits."""
+    ids, mask, positions = _batch(512)
+    with torch.inference_mode():
+        packed = fast_llama.FastLlama(tiny_llama, rows=4, max_len=16)
+        plain = fast_llama.FastLlama(tiny_llama, rows=4, max_len=16)
+        plain.mkl = {}
+        assert len(packed.mkl) == 7 * 2 + 1  # q, k, v, o, gate, up, down per layer, and the head
+        for fast in (packed, plain):
+            fast.forward(ids[:, :-1], mask[:, :-1], positions[:, :-1])
+        got, expected = (f.forward(ids[:, -1:], mask, positions[:, -1:]) for f in (packed, plain))
+    torch.testing.assert_close(got, expected, atol=model_atol(expected, tiny_llama.config), rtol=0)

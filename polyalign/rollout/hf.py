@@ -29,8 +29,10 @@ from torch import nn
 from transformers import DynamicCache
 
 from polyalign.logprobs import logits_head, selective_log_softmax, unwrap_peft
-from polyalign.rollout import fast_decode
+from polyalign.rollout import fast_decode, static_decode
 from polyalign.types import Rollout, Sampling
+
+_FastRunner = fast_decode.FastDecoder  # the `_CachedRunner` interface over a static cache, exact maths
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -124,6 +126,8 @@ class HFEngine:
         fast_decode: decode the families `fast_decode` covers with it (same logits, several times less
             per-token overhead) and others with the HF forward; False forces the HF
             forward. None (default) reads the environment variable POLYALIGN_FAST_DECODE ("0" = off).
+        static_decode: fast path, no stop strings: decode with fixed shapes (`static_decode`), as a CUDA graph
+            on CUDA. None (default): POLYALIGN_STATIC_DECODE ("1" / "0") if set, else on for CUDA only.
     """
 
     def __init__(
@@ -133,8 +137,12 @@ class HFEngine:
         prefill_once: bool = True,
         add_special_tokens: bool = True,
         fast_decode: bool | None = None,
+        static_decode: bool | None = None,
     ) -> None:
         self.model = model
+        if static_decode is None:
+            static_decode = {"1": True, "0": False}.get(os.environ.get("POLYALIGN_STATIC_DECODE", ""))
+        self.static_decode = static_decode
         if fast_decode is None:
             fast_decode = os.environ.get("POLYALIGN_FAST_DECODE", "1") != "0"
         self.fast_decode = fast_decode
@@ -204,7 +212,6 @@ class HFEngine:
     def _decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, sampling: Sampling):
         """Returns completion ids, mask, log-probs (B, T), finished and stopped flags (B,).
 
-        Rows that finish are dropped from the KV cache and the batch, so later steps cost only the live rows.
         Random numbers are drawn for all B rows every step and indexed by row, so a row's completion depends
         on the seed and its own prompt only, never on when other rows finished. A batch split across
         processes draws the whole batch's numbers (`sampling.total_rows`) and uses its rows' share
@@ -216,25 +223,40 @@ class HFEngine:
         offset, total = sampling.row_offset, sampling.total_rows or rows
         if offset < 0 or offset + rows > total:
             raise ValueError(f"sampling: rows {offset}..{offset + rows} do not fit in total_rows={total}")
+
+        def draw() -> torch.Tensor | None:  # this step's uniforms (B,); None when greedy
+            if sampling.temperature == 0:
+                return None
+            return torch.rand(total, generator=generator, device=device)[offset : offset + rows]
+
         runner = self._runner(rows, width + steps)
+        logits = _prefill(runner, prompt_ids, prompt_mask, n, repeat_cache=self.prefill_once)  # (B, V)
+        prompt_mask = prompt_mask.repeat_interleave(n, 0)
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
+        static = device.type == "cuda" if self.static_decode is None else self.static_decode
+        if static and isinstance(runner, _FastRunner) and not sampling.stop_strings:
+            sample = lambda x, u: sample_tokens(x, sampling, uniform=u)  # noqa: E731
+            out = static_decode.decode_static(
+                runner, logits, prompt_mask, steps, sample, draw, eos, self.pad_id, device.type == "cuda"
+            )
+            return self._trim(*out, torch.zeros(rows, dtype=torch.bool, device=device))
+        return self._decode_dynamic(runner, logits, prompt_mask, sampling, draw, eos)
+
+    def _decode_dynamic(self, runner, logits, prompt_mask, sampling: Sampling, draw, eos: torch.Tensor):
+        """The decode loop over the live rows: rows that finish are dropped from the KV cache and the batch,
+        so later steps cost only the live rows."""
+        device, (rows, width), steps = logits.device, prompt_mask.shape, sampling.max_new_tokens
         ids = torch.full((rows, steps), self.pad_id, dtype=torch.long, device=device)  # (B, T)
         logprobs = torch.zeros((rows, steps), dtype=torch.float32, device=device)  # (B, T)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)  # (B,)
-        finished, stopped = torch.zeros(
-            (2, rows), dtype=torch.bool, device=device
-        )  # (B,) each; stopped: by a stop string
+        finished, stopped = torch.zeros((2, rows), dtype=torch.bool, device=device)  # stopped: by a string
         live = torch.arange(rows, device=device)  # (L,) rows still in the cache, in cache order
-        attention = torch.cat([prompt_mask.repeat_interleave(n, 0), prompt_mask.new_ones((rows, steps))], 1)
-        next_position = prompt_mask.sum(1).repeat_interleave(n, 0)[:, None]  # (L, 1)
-        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
+        attention = torch.cat([prompt_mask, prompt_mask.new_ones((rows, steps))], 1)
+        next_position = prompt_mask.sum(1)[:, None]  # (L, 1)
         stop_checker = _StopChecker(self.tokenizer, sampling.stop_strings) if sampling.stop_strings else None
-
-        logits = _prefill(runner, prompt_ids, prompt_mask, n, repeat_cache=self.prefill_once)  # (L, V)
         for step in range(steps):
-            uniform = None
-            if sampling.temperature > 0:
-                uniform = torch.rand(total, generator=generator, device=device)[offset : offset + rows]
-                uniform = uniform if len(live) == rows else uniform[live]
+            uniform = draw()
+            uniform = uniform if uniform is None or len(live) == rows else uniform[live]
             tokens, token_logprobs = sample_tokens(logits, sampling, uniform=uniform)  # (L,), (L,)
             ids[live, step], logprobs[live, step] = tokens, token_logprobs
             lengths[live] += 1
@@ -299,22 +321,6 @@ class _CachedRunner:
 
     def repeat(self, n: int, width: int) -> None:
         self.cache.batch_repeat_interleave(n)
-
-
-class _FastRunner:
-    """The same interface as `_CachedRunner` over `fast_decode.FastDecoder` (static cache, exact maths)."""
-
-    def __init__(self, model: nn.Module, rows: int, max_len: int) -> None:
-        self.fast = fast_decode.FastDecoder(model, rows, max_len)
-
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.fast.forward(ids, mask, positions)
-
-    def select(self, keep: torch.Tensor) -> None:
-        self.fast.select(keep)
-
-    def repeat(self, n: int, width: int) -> None:
-        self.fast.repeat_rows(n, width)
 
 
 def _prefill(runner, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, repeat_cache: bool):
