@@ -239,7 +239,8 @@ def validate(cfg: RunConfig) -> None:
             r.samples_per_prompt >= 2,
             f"rollout.samples_per_prompt must be >= 2 for {a.name} (got {r.samples_per_prompt})",
         )
-    check(a.preset == "paper" or a.name == "rloo", f"algo.preset {a.preset} is a semantics of algo.name rloo")
+    why = f"algo.preset {a.preset} applies to algo.name rloo only: set algo.name: rloo or algo.preset: paper"
+    check(a.preset == "paper" or a.name == "rloo", why)
     check(
         a.ratio == "token" or (a.kl_in != "token_reward" and a.logprob_aggregate in ("sum", "token_mean")),
         f"algo: kl_in {a.kl_in} / logprob_aggregate {a.logprob_aggregate} act per token: set algo.ratio: token",

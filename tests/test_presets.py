@@ -184,7 +184,7 @@ def test_explicit_keys_win_over_the_preset(tmp_path):
             ["--algo.preset=ppo_rloo"],
             "algo.preset: 'ppo_rloo' not in paper|grpo|dr_grpo|trl_rloo|openrlhf_rloo|verl_rloo",
         ),
-        (["--algo.preset=grpo", "--algo.name=ppo"], "algo.preset grpo is a semantics of algo.name rloo"),
+        (["--algo.preset=grpo", "--algo.name=ppo"], "algo.preset grpo applies to algo.name rloo only"),
         (["--algo.logprob_aggregate=max_tokens"], "set algo.ratio: token"),
         (["--algo.preset=openrlhf_rloo", "--algo.ratio=sequence"], "set algo.ratio: token"),
         (["--algo.kl_in=prompt"], "algo.kl_in: 'prompt' not in reward|loss|token_reward"),
