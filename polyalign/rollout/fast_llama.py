@@ -1,4 +1,4 @@
-"""The fast decode path under its first name (`polyalign.rollout.hf` and older imports use it); the code
+"""The fast decode path under its first name, for older imports (tests and user code); the code
 lives in `fast_decode` (the maths) and `fast_families` (which models it runs)."""
 
 from polyalign.rollout.fast_decode import FastDecoder as FastLlama

@@ -227,7 +227,7 @@ def importance_corrected(
     )
     stats = logprob_mismatch(rollout.logprobs, trainer, mask)
     stats.update({k: float(v) for k, v in weight_stats.items()})
-    return advantages * weights.to(advantages.dtype).view(-1, *(1,) * (advantages.dim() - 1)), stats
+    return advantages * weights.to(advantages.dtype), stats
 
 
 # ---------------------------------------------------------------- the step
